@@ -1,0 +1,194 @@
+"""The config schema shared by every recipe in `configs/`.
+
+`base_config()` holds every key any part of the project reads, with defaults, so
+that `--config.a.b=value` overrides are type-checked by ml_collections and an unknown
+key is an error. The recipe helpers below fill in the datasets' and papers' values;
+each file in `configs/` is a few lines on top of them.
+"""
+
+import ml_collections
+
+from gta_jax.models import registry
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every config key, with defaults (a TSN ResNet-50 on the embedded dataset)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64  # global, over all devices and processes
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 500
+  c.keep_checkpoints = 2  # the last k; the best by val top-1 is kept besides
+  c.halt_on_nonfinite = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "synthetic_motion"
+  c.data.data_dir = "./data"
+  c.data.manual_dir = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "val"
+  c.data.num_frames = 8
+  c.data.sampling = "segment"  # 'segment' (TSN) or 'dense' (3D clips)
+  c.data.frame_interval = 1  # dense sampling only
+  c.data.crop_size = 224
+  c.data.scales = (1.0, 0.875, 0.75, 0.66)  # TSN multi-scale crop
+  c.data.flip = True  # False for Something-Something (left/right labels)
+  c.data.test_scale = 256
+  c.data.resize_short = 256  # at preparation
+  c.data.num_workers = 2
+  c.data.prefetch = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 16
+  c.eval.num_clips = 1
+  c.eval.num_crops = 1  # 1 (centre) or 3 (along the long side)
+  c.eval.split = "val"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = 10
+  c.model.arch = "resnet2d"  # or 'resnet3d'
+  c.model.depth = 50
+  c.model.stage_sizes = ""  # e.g. '1,1,1,1' overrides the depth's
+  c.model.width = 64
+  c.model.small_stem = False
+  c.model.dropout_rate = 0.5
+  c.model.zero_init_residual = False
+  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  c.model.temporal_modules = ""  # comma-separated; '' is TSN
+  c.model.pretrained = ""  # path to ImageNet weights (.pth, .safetensors, .npz)
+  c.model.resnet3d = ml_collections.ConfigDict(dict(
+      inflate="res4:all;res5:all", stem_temporal_kernel=1, stem_temporal_stride=1))
+  for name, spec in registry.TEMPORAL_MODULES.items():
+    c.model[name] = spec.default_config()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"  # 'sgd' or 'adamw'
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.base_lr = 0.01  # per `lr_batch_size` clips, scaled linearly
+  c.optim.lr_batch_size = 64
+  c.optim.schedule = "cosine"  # 'cosine', 'step' or 'plateau'
+  c.optim.warmup_steps = 0
+  c.optim.step_boundaries = (0.5, 0.75)  # fractions of total_steps, 'step' only
+  c.optim.step_factor = 0.1
+  c.optim.plateau_factor = 0.1
+  c.optim.plateau_patience = 5  # evaluations without improvement
+  c.optim.weight_decay = 5e-4
+  c.optim.grad_clip_norm = 20.0  # 0 disables
+  c.optim.fc_lr_mult = 5.0
+  c.optim.label_smoothing = 0.0
+  return c
+
+
+# Training-set sizes, for converting the papers' epochs into steps.
+TRAIN_VIDEOS = {"something_something_v2": 168_913, "kinetics400": 240_436}
+
+
+def epochs_to_steps(epochs: float, dataset: str, batch_size: int) -> int:
+  return int(round(epochs * TRAIN_VIDEOS[dataset] / batch_size))
+
+
+def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
+  """A tiny 2D ResNet on the embedded `synthetic_motion` data: minutes on a CPU.
+
+  The backbone is a bottleneck ResNet with one block per stage, 8 channels wide,
+  with a 3x3 stem for 32px frames. Temporal modules go into res3 and res4.
+  """
+  c = base_config()
+  c.total_steps = 300
+  c.batch_size = 16
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100
+  c.eval_every_steps = 100
+  c.data.dataset = "synthetic_motion"
+  c.data.num_frames = 8
+  c.data.crop_size = 32
+  c.data.test_scale = 32
+  c.data.resize_short = 32
+  c.data.scales = (1.0, 0.875)
+  c.data.flip = False  # left and right are classes
+  c.eval.batch_size = 32
+  c.model.num_classes = 10
+  c.model.depth = 50
+  c.model.stage_sizes = "1,1,1,1"
+  c.model.width = 8
+  c.model.small_stem = True
+  c.model.dropout_rate = 0.0
+  c.model.temporal_modules = temporal_modules
+  c.model.nl.placement = "res3:0;res4:0"
+  c.optim.base_lr = 0.1
+  c.optim.lr_batch_size = 16
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_steps = 20
+  c.optim.fc_lr_mult = 1.0
+  return c
+
+
+def tsm_recipe(c: ml_collections.ConfigDict, epochs: float) -> None:
+  """TSM's recipe (Lin et al.): SGD 0.9, lr 0.01 per 64 clips, cosine, dropout 0.5,
+  grad-norm clip 20, fc lr x5. Weight decay is set by the dataset helpers."""
+  c.batch_size = 64
+  c.optim.name = "sgd"
+  c.optim.momentum = 0.9
+  c.optim.base_lr = 0.01
+  c.optim.lr_batch_size = 64
+  c.optim.schedule = "cosine"
+  c.optim.grad_clip_norm = 20.0
+  c.optim.fc_lr_mult = 5.0
+  c.model.dropout_rate = 0.5
+  c.total_steps = epochs_to_steps(epochs, c.data.dataset, c.batch_size)
+  c.optim.warmup_steps = epochs_to_steps(1, c.data.dataset, c.batch_size)
+  c.checkpoint_every_steps = 2000
+  c.eval_every_steps = 5000
+  c.log_every_steps = 50
+
+
+def ssv2_config(num_frames: int, temporal_modules: str = "",
+                epochs: float = 50) -> ml_collections.ConfigDict:
+  """A 2D ResNet-50 on Something-Something v2 (174 classes, no flips), TSM recipe."""
+  c = base_config()
+  c.data.dataset = "something_something_v2"
+  c.data.eval_split = c.eval.split = "validation"
+  c.data.num_frames = num_frames
+  c.data.flip = False
+  c.model.num_classes = 174
+  c.model.temporal_modules = temporal_modules
+  tsm_recipe(c, epochs)
+  c.optim.weight_decay = 5e-4
+  return c
+
+
+def k400_config(num_frames: int, temporal_modules: str = "",
+                epochs: float = 100) -> ml_collections.ConfigDict:
+  """A 2D ResNet-50 on Kinetics-400 (400 classes), TSM recipe with wd 1e-4."""
+  c = base_config()
+  c.data.dataset = "kinetics400"
+  c.data.eval_split = c.eval.split = "validation"
+  c.data.num_frames = num_frames
+  c.model.num_classes = 400
+  c.model.temporal_modules = temporal_modules
+  tsm_recipe(c, epochs)
+  c.optim.weight_decay = 1e-4
+  return c
+
+
+def k400_3d_config(clip_len: int = 8, frame_interval: int = 8,
+                   temporal_modules: str = "") -> ml_collections.ConfigDict:
+  """A 3D ResNet-50 (SlowOnly pattern: kt=3 in res4/res5) on Kinetics-400, dense
+  clips, with the Non-local paper's I3D schedule: lr 0.01 per 64 clips, x0.1 at
+  150k and 300k of 400k steps, wd 1e-4, dropout 0.5; 10 clips x 3 crops at test."""
+  c = k400_config(clip_len, temporal_modules)
+  c.model.arch = "resnet3d"
+  c.data.sampling = "dense"
+  c.data.frame_interval = frame_interval
+  c.total_steps = 400_000
+  c.optim.schedule = "step"
+  c.optim.step_boundaries = (150_000 / 400_000, 300_000 / 400_000)
+  c.optim.warmup_steps = 0
+  c.optim.fc_lr_mult = 1.0
+  c.optim.grad_clip_norm = 0.0
+  c.eval.num_clips = 10
+  c.eval.num_crops = 3
+  return c

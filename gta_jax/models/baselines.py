@@ -1,0 +1,140 @@
+"""The baselines' temporal modules: TSM's shift and Non-local blocks.
+
+* :func:`temporal_shift` / :class:`TemporalShift`: TSM (Lin et al., ICCV 2019).
+  1/`fold_div` of the channels move one step back in time, 1/`fold_div` one step
+  forward, the rest stay; zero padded at the clip ends. Placed on the residual branch
+  before the block's first conv ("residual shift"). No parameters.
+* :class:`NonLocal`: the embedded-Gaussian Non-local block (Wang et al., CVPR 2018),
+  with its output BN's scale initialised to zero so the block is the identity at init.
+  `kind` selects what attends to what: `3d` every position of the clip to every other,
+  `2d` positions within a frame, `1d` the frames at one pixel, `2d+1d` a spatial block
+  followed by a temporal one (SSAN's Table 2 baseline).
+
+None of these can see frame order beyond what the shift gives: Non-local attention is
+permutation-equivariant over T, so a TSN with Non-local blocks is still blind to a
+reversed clip (tested).
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gta_jax.models import attention
+from gta_jax.models import hooks
+from gta_jax.models import resnet
+
+NONLOCAL_KINDS = ("3d", "2d", "1d", "2d+1d")
+
+
+def temporal_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
+  """Shifts channel groups along T of `(B, T, H, W, C)`, zero padded.
+
+  Channels `[0, C/fold_div)` take the next frame's values (shift back in time),
+  channels `[C/fold_div, 2C/fold_div)` the previous frame's; the rest are unchanged.
+  """
+  fold = x.shape[-1] // fold_div
+  back, fwd, keep = x[..., :fold], x[..., fold:2 * fold], x[..., 2 * fold:]
+  pad = [(0, 0)] * x.ndim
+  back = jnp.pad(back[:, 1:], [(0, 0), (0, 1)] + pad[2:])
+  fwd = jnp.pad(fwd[:, :-1], [(0, 0), (1, 0)] + pad[2:])
+  return jnp.concatenate([back, fwd, keep], axis=-1)
+
+
+class TemporalShift(nn.Module):
+  """TSM's shift as a hook module (no parameters)."""
+  fold_div: int = 8
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    return temporal_shift(x, self.fold_div)
+
+
+class NonLocal(nn.Module):
+  """Embedded-Gaussian Non-local block on `(B, T, H, W, C)`, residual.
+
+  `y = x + BN(W_z softmax(theta(x) phi(x)^T) g(x))` with 1x1x1 projections to
+  `C // reduction` channels, the softmax over the positions `kind` selects, and the
+  BN's scale initialised to zero.
+
+  Attributes:
+    kind: `3d` (space-time), `2d` (space, per frame) or `1d` (time, per pixel).
+    reduction: channel reduction of the embeddings (2 in the paper).
+    scaled: divide the logits by sqrt(C') (off in the paper).
+    dtype: compute dtype.
+  """
+  kind: str = "3d"
+  reduction: int = 2
+  scaled: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    b, t, h, w, c = x.shape
+    inner = c // self.reduction
+    dense = functools.partial(nn.Dense, inner, dtype=self.dtype,
+                              param_dtype=jnp.float32)
+    theta, phi, g = (dense(name=n)(x) for n in ("theta", "phi", "g"))
+
+    if self.kind == "3d":
+      to_tokens = lambda y: y.reshape(b, t * h * w, inner)
+    elif self.kind == "2d":
+      to_tokens = lambda y: y.reshape(b * t, h * w, inner)
+    elif self.kind == "1d":
+      to_tokens = lambda y: y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, inner)
+    else:
+      raise ValueError(f"NonLocal kind must be one of {NONLOCAL_KINDS[:3]}, "
+                       f"got {self.kind!r}")
+    y = attention.attend(to_tokens(theta), to_tokens(phi), to_tokens(g),
+                         scale=None if self.scaled else 1.0)
+    if self.kind == "1d":
+      y = y.reshape(b, h, w, t, inner).transpose(0, 3, 1, 2, 4)
+    y = y.reshape(b, t, h, w, inner)
+    y = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name="out")(y)
+    y = resnet.batch_norm(train, self.dtype, scale_init=nn.initializers.zeros)(
+        name="bn")(y)
+    return x + y
+
+
+class NonLocal2D1D(nn.Module):
+  """A spatial Non-local block followed by a temporal one (SSAN's 2D+1D baseline)."""
+  reduction: int = 2
+  scaled: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for kind in ("2d", "1d"):
+      x = NonLocal(kind, self.reduction, self.scaled, self.dtype,
+                   name=f"nonlocal_{kind}")(x, train=train)
+    return x
+
+
+def _tsm_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(placement="all", fold_div=8))
+
+
+def _nonlocal_config() -> ml_collections.ConfigDict:
+  # The Non-local paper's placement: 5 blocks, every other block of res3 and res4.
+  return ml_collections.ConfigDict(dict(
+      placement="res3:0,2;res4:0,2,4", kind="3d", reduction=2, scaled=False))
+
+
+def _build_nonlocal(cfg: ml_collections.ConfigDict, dtype: Any):
+  if cfg.kind not in NONLOCAL_KINDS:
+    raise ValueError(f"config.model.nl.kind must be one of {NONLOCAL_KINDS}, "
+                     f"got {cfg.kind!r}")
+  if cfg.kind == "2d+1d":
+    return functools.partial(NonLocal2D1D, cfg.reduction, cfg.scaled, dtype)
+  return functools.partial(NonLocal, cfg.kind, cfg.reduction, cfg.scaled, dtype)
+
+
+TSM_SPEC = hooks.TemporalModuleSpec(
+    position="pre", default_config=_tsm_config,
+    build=lambda cfg, dtype: functools.partial(TemporalShift, cfg.fold_div))
+
+NONLOCAL_SPEC = hooks.TemporalModuleSpec(
+    position="post", default_config=_nonlocal_config, build=_build_nonlocal)
