@@ -13,6 +13,7 @@ import ml_collections
 from gta_jax.models import baselines
 from gta_jax.models import hooks
 from gta_jax.models import resnet
+from gta_jax.models import ssa
 
 # depth -> (blocks per stage, bottleneck blocks)
 DEPTHS: Dict[int, Tuple[Tuple[int, ...], bool]] = {
@@ -28,6 +29,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEMPORAL_MODULES: Dict[str, hooks.TemporalModuleSpec] = {
     "tsm": baselines.TSM_SPEC,
     "nl": baselines.NONLOCAL_SPEC,
+    "ssa": ssa.SSA_SPEC,
 }
 
 

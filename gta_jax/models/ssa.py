@@ -1,0 +1,162 @@
+"""SSA: the Separable Self-Attention of SSAN (Guo et al., CVPR 2021).
+
+The module sits inside a bottleneck block, after its first 1x1 conv+BN+ReLU (the
+`inner` hook), and its output replaces the feature on the residual branch; the
+block's own shortcut stays. On `x: (B, T, H, W, C)`:
+
+1. 1x1 convs give the query, key and value `q, k, v` (C -> C / reduction).
+2. Spatial attention, per frame, two branches sharing q and k (Eq. 6):
+   the position branch `M_S = softmax(q k^T)` (HW x HW) and the channel branch
+   `M_C = softmax(q^T k)` (C x C); `x_hat = M_S v + v M_C^T`.
+3. Temporal attention (Eq. 7): one 3x1x1 conv on `x_hat` gives `q_hat, k_hat`;
+   each frame is flattened to a vector of H*W*C; `M_T = softmax(q_hat k_hat^T)`
+   (T x T per clip).
+4. Shared value embedding (Eq. 8): `y = M_T v`, with the spatial step's `v`.
+
+Every softmax goes through :func:`gta_jax.models.attention.attend`
+(`jax.nn.dot_product_attention`: f32 logits and softmax under bf16). With `remat`
+the parameter-free attention cores are recomputed in the backward pass, so the
+HW x HW scores (3136 x 3136 per frame where the module sees a 56x56 map) are never
+kept for it.
+
+The paper has no scaling, residual or output projection; the switches in
+:func:`default_config` add them for ablations. Without `temporal_conv` (1x1x1) the
+module is equivariant to frame permutations, so a TSN with it is blind to frame
+order like TSN itself; the 3x1x1 conv is what sees order.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gta_jax.models import attention
+from gta_jax.models import hooks
+from gta_jax.models import resnet
+
+SCALES = ("none", "sqrt_d")
+
+
+def _scale(scale: str):
+  """The `scale` argument of `attend`: 1.0 (unscaled) or None (1/sqrt(d))."""
+  return 1.0 if scale == "none" else None
+
+
+def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                      channel_branch: bool, scale: str) -> jax.Array:
+  """Eq. 6 on `(N, HW, C)` frames: `softmax(q k^T) v [+ v softmax(q^T k)^T]`."""
+  out = attention.attend(q, k, v, scale=_scale(scale))
+  if channel_branch:
+    # Channels as tokens, positions as features: (N, C, HW).
+    to_channels = lambda a: jnp.swapaxes(a, 1, 2)
+    out = out + to_channels(attention.attend(
+        to_channels(q), to_channels(k), to_channels(v), scale=_scale(scale)))
+  return out
+
+
+def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       scale: str) -> jax.Array:
+  """Eqs. 7-8 on `(B, T, H*W*C)` clips: `softmax(q k^T) v` over frames."""
+  return attention.attend(q, k, v, scale=_scale(scale))
+
+
+class SeparableSelfAttention(nn.Module):
+  """SSA on `(B, T, H, W, C)`; returns the same shape (an `inner` hook module).
+
+  Attributes:
+    channel_branch: add the C x C channel branch to the HW x HW position branch.
+    shared_value: the temporal step reuses the spatial value `v` (SVE, Eq. 8);
+      otherwise the temporal conv also gives a value `v_hat` from `x_hat` (the
+      sequential spatial-then-temporal reading).
+    temporal_conv: 3x1x1 conv for `q_hat, k_hat` (the paper); False: 1x1x1.
+    scale: `none` (the paper) or `sqrt_d` (logits / sqrt of the dot length).
+    residual: return `x + BN(y)` with the BN scale initialised to zero (the module
+      is then the identity at init); False returns `y` (the paper).
+    reduction: q, k, v have `C // reduction` channels; above 1 a 1x1 conv maps
+      `y` back to C channels.
+    remat: recompute the attention cores in the backward pass instead of storing
+      their scores and softmax.
+    dtype: compute dtype; parameters are float32.
+  """
+  channel_branch: bool = True
+  shared_value: bool = True
+  temporal_conv: bool = True
+  scale: str = "none"
+  residual: bool = False
+  reduction: int = 1
+  remat: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    b, t, h, w, c = x.shape
+    if c % self.reduction:
+      raise ValueError(f"SSA reduction {self.reduction} does not divide the "
+                       f"{c} channels of its input {x.shape}")
+    inner = c // self.reduction
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+    q, k, v = (dense(inner, name=n)(x) for n in ("query", "key", "value"))
+
+    spatial = functools.partial(spatial_attention,
+                                channel_branch=self.channel_branch, scale=self.scale)
+    temporal = functools.partial(temporal_attention, scale=self.scale)
+    if self.remat:
+      spatial, temporal = jax.checkpoint(spatial), jax.checkpoint(temporal)
+
+    frames = lambda a: a.reshape(b * t, h * w, a.shape[-1])
+    x_hat = spatial(frames(q), frames(k), frames(v)).reshape(b, t, h, w, inner)
+
+    kt = 3 if self.temporal_conv else 1
+    num_out = 2 if self.shared_value else 3
+    qkv_hat = nn.Conv(num_out * inner, (kt, 1, 1),
+                      padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+                      dtype=self.dtype, param_dtype=jnp.float32,
+                      name="temporal_conv")(x_hat)
+    q_hat, k_hat, *v_hat = jnp.split(qkv_hat, num_out, axis=-1)
+    value = v_hat[0] if v_hat else v
+
+    clips = lambda a: a.reshape(b, t, h * w * inner)
+    y = temporal(clips(q_hat), clips(k_hat), clips(value)).reshape(b, t, h, w, inner)
+    if inner != c:
+      y = dense(c, name="out")(y)
+    if self.residual:
+      y = x + resnet.batch_norm(train, self.dtype, scale_init=nn.initializers.zeros)(
+          name="bn")(y)
+    return y
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.model.ssa`: the paper's module at the Non-local paper's places.
+
+  The placement reads the paper's "2 in Res2 and 3 in Res3" as torchvision's
+  layer2 blocks 0, 2 and layer3 blocks 0, 2, 4 (`res3`/`res4` here).
+  """
+  return ml_collections.ConfigDict(dict(
+      placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
+      temporal_conv=True, scale="none", residual=False, reduction=1, remat=True))
+
+
+def build(cfg: ml_collections.ConfigDict, dtype: Any):
+  """`config.model.ssa` -> a factory of :class:`SeparableSelfAttention`."""
+  if cfg.scale not in SCALES:
+    raise ValueError(f"config.model.ssa.scale must be one of {SCALES}, "
+                     f"got {cfg.scale!r}")
+  if not isinstance(cfg.reduction, int) or cfg.reduction < 1:
+    raise ValueError(f"config.model.ssa.reduction must be a positive int, "
+                     f"got {cfg.reduction!r}")
+  for key in ("channel_branch", "shared_value", "temporal_conv", "residual", "remat"):
+    if not isinstance(cfg[key], bool):
+      raise ValueError(f"config.model.ssa.{key} must be True or False, "
+                       f"got {cfg[key]!r}")
+  return functools.partial(
+      SeparableSelfAttention, channel_branch=cfg.channel_branch,
+      shared_value=cfg.shared_value, temporal_conv=cfg.temporal_conv,
+      scale=cfg.scale, residual=cfg.residual, reduction=cfg.reduction,
+      remat=cfg.remat, dtype=dtype)
+
+
+SSA_SPEC = hooks.TemporalModuleSpec(
+    position="inner", default_config=default_config, build=build)
