@@ -118,6 +118,7 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.temporal_modules = temporal_modules
   c.model.nl.placement = "res3:0;res4:0"
+  c.model.ssa.placement = "res3:0;res4:0"
   c.optim.base_lr = 0.1
   c.optim.lr_batch_size = 16
   c.optim.weight_decay = 1e-4
@@ -143,6 +144,19 @@ def tsm_recipe(c: ml_collections.ConfigDict, epochs: float) -> None:
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
   c.log_every_steps = 50
+
+
+def ssa_recipe(c: ml_collections.ConfigDict, epochs: float) -> None:
+  """SSAN's recipe (Guo et al.): SGD Nesterov 0.9, lr 0.01 per 64 clips, wd 5e-4,
+  dropout 0.5, x0.1 on plateau after a 1-epoch linear warm-up; 1 clip x centre crop
+  at test. The paper gives no clipping or fc lr multiplier: TSM's are kept."""
+  tsm_recipe(c, epochs)
+  c.optim.nesterov = True
+  c.optim.schedule = "plateau"
+  c.optim.plateau_factor = 0.1
+  c.optim.weight_decay = 5e-4
+  c.eval.num_clips = 1
+  c.eval.num_crops = 1
 
 
 def ssv2_config(num_frames: int, temporal_modules: str = "",

@@ -1,0 +1,9 @@
+"""ssv2_ssa_r50_8f: SSA-R50, 8 segments; see `gta_jax.config_lib.ssa_recipe`."""
+
+from gta_jax import config_lib
+
+
+def get_config():
+  c = config_lib.ssv2_config(8, 'ssa')
+  config_lib.ssa_recipe(c, epochs=80)
+  return c
