@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.temporal_modules = ""  # comma-separated; '' is TSN
   c.model.pretrained = ""  # path to ImageNet weights (.pth, .safetensors, .npz)
+  c.model.pretrained_inflation = "mean"  # 2D->3D kernels: 'mean' (I3D) or 'center'
   c.model.resnet3d = ml_collections.ConfigDict(dict(
       inflate="res4:all;res5:all", stem_temporal_kernel=1, stem_temporal_stride=1))
   for name, spec in registry.TEMPORAL_MODULES.items():
