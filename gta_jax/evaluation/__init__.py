@@ -1,0 +1,1 @@
+"""Multi-view evaluation: predictions over a split, metrics and reports."""

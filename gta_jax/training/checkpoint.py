@@ -1,0 +1,173 @@
+"""Checkpoints with orbax: train state, data-iterator state and config.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. `state` is the
+`TrainState` as a nested dict, `data` the grain iterator state of every process
+(one JSON file per process) and `config` the experiment config as JSON. The
+manager keeps the last `keep_checkpoints` steps and, besides, the one with the best
+validation top-1 (saved as the checkpoint's metrics).
+
+For inference, :func:`restore_variables` gives the `params` and `batch_stats` of
+the latest or the best checkpoint of a workdir.
+"""
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple, Union
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import serialization
+from flax import traverse_util
+from orbax.checkpoint import checkpoint_managers as policies
+
+from gta_jax.training import state as state_lib
+
+BEST_METRIC = "top1"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """An orbax `CheckpointManager` for train runs (see the module docstring).
+
+  Args:
+    workdir: the run's directory.
+    keep: how many of the latest checkpoints to keep (the best one stays besides).
+    read_only: for evaluation and inference.
+  """
+
+  def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+    if keep < 1:
+      raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
+    self.directory = checkpoint_dir(workdir)
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, read_only=read_only, create=not read_only)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "config"), options=options)
+
+  def all_steps(self):
+    return self.manager.all_steps()
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    """The step with the highest validation top-1, else the latest."""
+    scored = [(m[BEST_METRIC], s) for s in self.manager.all_steps()
+              if (m := self.manager.metrics(s)) and BEST_METRIC in m]
+    return max(scored)[1] if scored else self.latest_step()
+
+  def save(self, step: int, state: state_lib.TrainState, data_iterator: Any,
+           config: ml_collections.ConfigDict,
+           metrics: Optional[Dict[str, float]] = None) -> None:
+    """Saves (asynchronously; the arrays are copied before this returns)."""
+    items = dict(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+                 config=ocp.args.JsonSave(json.loads(config.to_json())))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                      force=True)
+
+  def saved_config(self, step: int) -> Dict[str, Any]:
+    return self.manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def check_compatible(self, step: int, abstract_state: state_lib.TrainState,
+                       config: ml_collections.ConfigDict) -> None:
+    """Raises a ValueError if checkpoint `step` cannot be restored into this state."""
+    metadata = self.manager.item_metadata(step)["state"]
+    saved = {k: tuple(v.shape) for k, v in
+             traverse_util.flatten_dict(_as_dict(metadata), sep="/").items()}
+    wanted = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
+        serialization.to_state_dict(abstract_state), sep="/").items()}
+    if saved == wanted:
+      return
+    problems = [f"{k}: {saved.get(k, 'missing')} in the checkpoint, "
+                f"{wanted.get(k, 'missing')} in the model"
+                for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    old = self.saved_config(step)
+    changed = [f"{k}: {v!r} in the checkpoint, {new!r} now" for k, v in
+               sorted(traverse_util.flatten_dict(old.get("model", {}), sep=".").items())
+               if (new := _lookup(config.model, k)) != v and not isinstance(v, list)]
+    raise ValueError(
+        f"checkpoint {self.directory}/{step} holds another model than the config "
+        f"describes ({len(problems)} arrays differ, e.g. {problems[:3]}). Changed "
+        f"model keys: {changed or 'none'}. Use a new --workdir, or the config the "
+        "checkpoint was trained with.")
+
+  def restore(self, step: int, abstract_state: state_lib.TrainState,
+              config: ml_collections.ConfigDict,
+              data_iterator: Any = None) -> state_lib.TrainState:
+    """The state of checkpoint `step`; `data_iterator` is reset to its position."""
+    self.check_compatible(step, abstract_state, config)
+    target = serialization.to_state_dict(abstract_state)
+    items = dict(state=ocp.args.StandardRestore(target))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return serialization.from_state_dict(abstract_state, restored["state"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _as_dict(metadata: Any) -> Any:
+  tree = getattr(metadata, "tree", metadata)
+  return jax.tree.map(lambda x: x, dict(tree)) if not isinstance(tree, dict) else tree
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  for part in dotted.split("."):
+    if part not in config:
+      return None
+    config = config[part]
+  return config
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+                      step: Union[int, str] = "latest", mesh=None
+                      ) -> Tuple[Dict[str, Any], int]:
+  """The model variables of a checkpoint, for evaluation or inference.
+
+  Args:
+    config: the experiment config the checkpoint was trained with.
+    workdir: the training run's directory.
+    step: a step number, 'latest' or 'best' (highest validation top-1).
+    mesh: where to place them (replicated); defaults to all devices.
+
+  Returns:
+    `({'params': ..., 'batch_stats': ...}, step)`, ready for
+    `build_model(config).apply(variables, video, train=False)`.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `workdir` (or not that step).
+    ValueError: the checkpoint holds another model than `config`.
+  """
+  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  ckpt = Checkpointer(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if step == "latest":
+    step = ckpt.latest_step()
+  elif step == "best":
+    step = ckpt.best_step()
+  if step is None or step not in steps:
+    raise FileNotFoundError(
+        f"no checkpoint {'' if step is None else step} in {ckpt.directory} "
+        f"(saved steps: {sorted(steps)})")
+  _, _, _, abstract = state_lib.build(config, mesh)
+  restored = ckpt.restore(step, abstract, config)
+  ckpt.close()
+  return restored.variables, int(step)

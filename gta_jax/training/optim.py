@@ -1,0 +1,114 @@
+"""Optimizers and learning-rate schedules from `config.optim` (optax).
+
+The peak learning rate is `optim.base_lr * batch_size / optim.lr_batch_size`
+(linear scaling). Schedules, after `optim.warmup_steps` of linear warm-up from 0:
+
+* `cosine`: cosine decay to 0 at `total_steps`;
+* `step`: x`optim.step_factor` at each fraction of `total_steps` in
+  `optim.step_boundaries`;
+* `plateau`: constant; the train loop multiplies it by `optim.plateau_factor`
+  after `optim.plateau_patience` validations without a better top-1 (the factor
+  lives in `TrainState.lr_scale`, so it is checkpointed).
+
+The optimizer is SGD with momentum (optionally Nesterov; PyTorch's form, weight
+decay added to the gradient) or AdamW (decoupled weight decay). Weight decay only
+applies to `kernel` parameters (convolutions and dense layers): BatchNorm scales
+and biases, biases and the temporal modules' attention logits are not decayed.
+Gradients are clipped by global norm first (`optim.grad_clip_norm`, 0 disables) and
+the classifier (`head/fc`) learns `optim.fc_lr_mult` times faster.
+"""
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import traverse_util
+
+SCHEDULES = ("cosine", "step", "plateau")
+OPTIMIZERS = ("sgd", "adamw")
+CLASSIFIER = ("head", "fc")
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+  return config.optim.base_lr * config.batch_size / config.optim.lr_batch_size
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The schedule `config.optim.schedule` names, with warm-up (see module doc)."""
+  o, total = config.optim, config.total_steps
+  if o.schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+  if not 0 <= o.warmup_steps < total:
+    raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be in "
+                     f"[0, total_steps={total})")
+  peak = peak_learning_rate(config)
+  if o.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, o.warmup_steps, total, 0.0)
+  if o.schedule == "step":
+    fractions = tuple(o.step_boundaries)
+    if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(fractions):
+      raise ValueError("config.optim.step_boundaries must be increasing fractions of "
+                       f"total_steps in (0, 1), got {fractions}")
+    main = optax.piecewise_constant_schedule(
+        peak, {max(int(f * total) - o.warmup_steps, 1): o.step_factor for f in fractions})
+  else:
+    main = optax.constant_schedule(peak)
+  if not o.warmup_steps:
+    return main
+  warmup = optax.linear_schedule(0.0, peak, o.warmup_steps)
+  return optax.join_schedules([warmup, main], [o.warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for the leaves that get weight decay: the `kernel`s."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+
+
+def learning_rate_multipliers(params: Any, fc_lr_mult: float) -> Any:
+  """`fc_lr_mult` for the classifier's parameters, 1 elsewhere."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: fc_lr_mult if k[:2] == CLASSIFIER else 1.0 for k in flat})
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update by the matching leaf of `multipliers`."""
+  return optax.stateless(
+      lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, multipliers))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any
+                   ) -> optax.GradientTransformation:
+  """The optax transformation `config.optim` describes, for these `params`.
+
+  Args:
+    config: the experiment config (`optim`, `batch_size`, `total_steps`).
+    params: the model's parameters (or their shapes): they fix the weight-decay
+      mask and the classifier's learning-rate multiplier.
+
+  Raises:
+    ValueError: naming the bad `config.optim` key.
+  """
+  o = config.optim
+  if o.name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
+  if o.grad_clip_norm < 0 or o.weight_decay < 0 or o.fc_lr_mult <= 0:
+    raise ValueError("config.optim.grad_clip_norm and weight_decay must be >= 0 and "
+                     f"fc_lr_mult > 0, got {o.grad_clip_norm}, {o.weight_decay}, "
+                     f"{o.fc_lr_mult}")
+  schedule = learning_rate_schedule(config)
+  mask = weight_decay_mask(params)
+  parts = []
+  if o.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  if o.name == "sgd":
+    parts += [optax.add_decayed_weights(o.weight_decay, mask),
+              optax.trace(decay=o.momentum, nesterov=o.nesterov)]
+  else:
+    parts += [optax.scale_by_adam(), optax.add_decayed_weights(o.weight_decay, mask)]
+  parts.append(optax.scale_by_learning_rate(schedule))
+  if o.fc_lr_mult != 1.0:
+    parts.append(scale_by_tree(learning_rate_multipliers(params, o.fc_lr_mult)))
+  return optax.chain(*parts)

@@ -1,0 +1,46 @@
+"""Trains a model: `python train.py --config configs/X.py --workdir DIR`.
+
+Resumes from the latest checkpoint in DIR. Override any config key with
+`--config.a.b=value`. For several processes without a cluster launcher that JAX
+detects (TPU pods, SLURM and Open MPI are), pass `--coordinator_address host:port
+--num_processes N --process_id I` to every process.
+"""
+
+from gta_jax import runtime
+
+runtime.configure_xla()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gta_jax.training import loop
+from gta_jax.training import sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0, for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
+  logging.info("config:\n%s", _CONFIG.value)
+  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0 and summary:
+    print(f"final {_CONFIG.value.data.eval_split} top-1: {summary['top1']:.4f}"
+          + (f" top-5: {summary['top5']:.4f}" if "top5" in summary else ""), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
