@@ -1,0 +1,186 @@
+"""`synthetic_motion`: the embedded dataset, procedural videos that need temporal reasoning.
+
+Ten classes in five pairs, each class the time-reverse of its partner:
+
+  moving_right / moving_left, moving_down / moving_up, growing / shrinking,
+  rotating_clockwise / rotating_anticlockwise, appearing / vanishing.
+
+Every video draws a random scene (textured background, object shape, colours, size,
+start position, speed, a static distractor, pixel noise) and a random motion of the pair's
+first class; a video of the second class is the same kind of draw played backwards. So the
+frames of the two classes of a pair have the same distribution, and a model blind to frame
+order (TSN) is at chance within each pair, while a temporal model can solve every pair.
+
+Deterministic from the seed: video `i` of a split uses `default_rng([seed, split, i])`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from gta_jax.data import transforms
+from gta_jax.data.builders import base
+
+PAIRS = (("moving_right", "moving_left"), ("moving_down", "moving_up"),
+         ("growing", "shrinking"), ("rotating_clockwise", "rotating_anticlockwise"),
+         ("appearing", "vanishing"))
+CLASS_NAMES = tuple(name for pair in PAIRS for name in pair)
+SPLITS = ("train", "val")
+_SHIFT = 4  # cv2 fixed-point bits: sub-pixel drawing
+_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+
+
+def _draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: float,
+          colour) -> None:
+  s = 1 << _SHIFT
+  if shape == "circle":
+    cv2.circle(img, (int(cx * s), int(cy * s)), max(int(r * s), 1), colour, -1, cv2.LINE_AA,
+               _SHIFT)
+    return
+  if shape == "square":
+    k = np.arange(4) * math.pi / 2 + math.pi / 4
+    rr = np.full(4, r)
+  elif shape == "triangle":
+    k = np.arange(3) * 2 * math.pi / 3
+    rr = np.full(3, r)
+  elif shape == "diamond":
+    k = np.arange(4) * math.pi / 2
+    rr = np.array([r, 0.6 * r, r, 0.6 * r])
+  else:  # cross
+    k = np.repeat(np.arange(4) * math.pi / 2, 3) + np.tile([-0.35, 0.0, 0.35], 4)
+    rr = np.tile([0.45 * r, r, 0.45 * r], 4)
+  k = k + angle
+  pts = np.stack([cx + rr * np.cos(k), cy + rr * np.sin(k)], -1)
+  cv2.fillPoly(img, [np.round(pts * s).astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+  """A smooth random texture around a random base colour."""
+  base_colour = rng.uniform(40, 215, size=3)
+  grid = rng.normal(0, rng.uniform(8, 30), size=(int(rng.integers(2, 6)),
+                                                 int(rng.integers(2, 6)), 3))
+  tex = cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+  return np.clip(base_colour + tex, 0, 255).astype(np.float32)
+
+
+def _contrasting(rng: np.random.Generator, bg: np.ndarray):
+  mean = bg.reshape(-1, 3).mean(0)
+  while True:
+    c = rng.uniform(0, 255, size=3)
+    if np.abs(c - mean).sum() > 150:
+      return tuple(float(v) for v in c)
+
+
+def render_video(pair: int, num_frames: int, height: int, width: int,
+                 rng: np.random.Generator) -> np.ndarray:
+  """A random forward motion of pair `pair` (its first class): `(n, H, W, 3)` uint8."""
+  n, h, w = num_frames, height, width
+  bg = _background(rng, h, w)
+  shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
+  colour = _contrasting(rng, bg)
+  short = min(h, w)
+  r = rng.uniform(0.10, 0.17) * short  # object radius
+  angle0 = rng.uniform(0, 2 * math.pi)
+  spin = rng.uniform(-0.2, 0.2)  # the object's own rotation per frame, either way
+  u = np.linspace(0.0, 1.0, n)
+  # Ease the motion a little, randomly (speed profile), the same way for both directions.
+  u = u ** rng.uniform(0.8, 1.25)
+  scale = np.ones(n)
+  alpha = np.ones(n)
+  if pair in (0, 1):  # a translation right (pair 0) or down (pair 1)
+    along, across = (w, h) if pair == 0 else (h, w)
+    dist = rng.uniform(0.35, 0.65) * along
+    start = rng.uniform(r, along - r - dist)
+    pos = start + dist * u
+    drift = rng.uniform(-0.1, 0.1) * across
+    other = rng.uniform(r + abs(drift), across - r - abs(drift)) + drift * (u - 0.5)
+    xs, ys = (pos, other) if pair == 0 else (other, pos)
+  elif pair == 2:  # grow
+    r = rng.uniform(0.06, 0.09) * short
+    scale = 1.0 + (rng.uniform(2.0, 3.0) - 1.0) * u
+    rmax = r * scale[-1]
+    xs = np.full(n, rng.uniform(rmax, w - rmax))
+    ys = np.full(n, rng.uniform(rmax, h - rmax))
+  elif pair == 3:  # an orbit, clockwise on screen (y points down)
+    orbit = rng.uniform(0.2, 0.3) * short
+    cx = rng.uniform(orbit + r, w - orbit - r)
+    cy = rng.uniform(orbit + r, h - orbit - r)
+    theta = rng.uniform(0, 2 * math.pi) + rng.uniform(0.6, 1.2) * math.pi * u
+    xs, ys = cx + orbit * np.cos(theta), cy + orbit * np.sin(theta)
+  else:  # appear: fade in, starting and ending at random times
+    xs = np.full(n, rng.uniform(r, w - r))
+    ys = np.full(n, rng.uniform(r, h - r))
+    a, b = sorted(rng.uniform(0.0, 1.0, size=2) * np.array([0.4, 0.4]) + [0.0, 0.6])
+    alpha = np.clip((u - a) / max(b - a, 1e-3), 0.0, 1.0)
+  # A static distractor, present in every frame.
+  d_shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
+  d_colour = _contrasting(rng, bg)
+  d_r = rng.uniform(0.06, 0.1) * short
+  d_x, d_y = rng.uniform(d_r, w - d_r), rng.uniform(d_r, h - d_r)
+  scene = bg.copy()
+  _draw(scene, d_shape, d_x, d_y, d_r, rng.uniform(0, 2 * math.pi), d_colour)
+  noise = rng.uniform(2.0, 8.0)
+  out = np.empty((n, h, w, 3), np.uint8)
+  for t in range(n):
+    fg = scene.copy()
+    _draw(fg, shape, xs[t], ys[t], r * scale[t], angle0 + spin * t, colour)
+    frame = alpha[t] * fg + (1.0 - alpha[t]) * scene
+    frame += rng.normal(0.0, noise, size=frame.shape)
+    out[t] = np.clip(frame, 0, 255).astype(np.uint8)
+  return out
+
+
+def make_video(label: int, num_frames: int, height: int, width: int,
+               rng: np.random.Generator) -> np.ndarray:
+  """A video of class `label`: its pair's forward motion, reversed for the second class."""
+  video = render_video(label // 2, num_frames, height, width, rng)
+  return video[::-1] if label % 2 else video
+
+
+class SyntheticMotion(base.VideoBuilder, skip_registration=True):
+  """The embedded dataset. Prepared in seconds; `resize_short` does not apply (frames are
+  rendered at `height x width`)."""
+
+  name = "synthetic_motion"
+
+  def __init__(self, *, data_dir: str, train_per_class: int = 120, val_per_class: int = 25,
+               num_frames: int = 16, height: int = 40, width: int = 48, seed: int = 0,
+               jpeg_quality: int = 90, **unused):
+    del unused  # resize_short, num_workers, ...: not used here
+    self.per_class = {"train": int(train_per_class), "val": int(val_per_class)}
+    self.frames, self.height, self.width = int(num_frames), int(height), int(width)
+    if min(self.per_class.values()) < 1 or self.frames < 1 or min(height, width) < 8:
+      raise ValueError("synthetic_motion needs >= 1 video per class, >= 1 frame and frames "
+                       f"of at least 8x8, got {self.per_class}, {num_frames}, {height}x{width}.")
+    self.seed = int(seed)
+    super().__init__(data_dir=data_dir, resize_short=0, jpeg_quality=jpeg_quality,
+                     train_per_class=train_per_class, val_per_class=val_per_class,
+                     num_frames=num_frames, height=height, width=width, seed=seed)
+
+  @classmethod
+  def config_name_for(cls, *, train_per_class: int, val_per_class: int, num_frames: int,
+                      height: int, width: int, seed: int, **unused) -> str:
+    del unused
+    return (f"train{train_per_class}_val{val_per_class}_f{num_frames}_{height}x{width}_"
+            f"seed{seed}")
+
+  def class_names(self) -> tuple[str, ...]:
+    return CLASS_NAMES
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_synthetic(split) for split in SPLITS}
+
+  def _generate_synthetic(self, split: str):
+    split_id = SPLITS.index(split)
+    for label in range(len(CLASS_NAMES)):
+      for i in range(self.per_class[split]):
+        index = label * self.per_class[split] + i
+        rng = np.random.default_rng([self.seed, split_id, index])
+        video = make_video(label, self.frames, self.height, self.width, rng)
+        frames = [transforms.encode_jpeg(f, self.jpeg_quality) for f in video]
+        yield index, {"frames": np.array(frames, dtype=object), "num_frames": len(frames),
+                      "label": label, "video_id": f"{split}/{CLASS_NAMES[label]}/{i:05d}"}

@@ -1,0 +1,391 @@
+"""The grain input pipeline over prepared (ArrayRecord) datasets, and their preparation.
+
+* `prepare_dataset(config)`: prepares `config.data.dataset` once (race-free across
+  processes) and checks it against `config.model.num_classes`.
+* `make_train_loader(...)`: an infinite, per-process sharded, checkpointable grain loader
+  of `dict(video=uint8 (B, T, H, W, 3), label=int32 (B,))`.
+* `make_eval_loader(...)`: a finite loader of `dict(video=uint8 (B, V, T, H, W, 3),
+  label, mask, video_index)` that covers the split exactly once across processes.
+
+Only the sampled frames of a video are JPEG-decoded. Frames stay uint8 (normalise with
+`transforms.normalize`, on the device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+
+import grain
+import numpy as np
+
+from gta_jax.data import builders
+from gta_jax.data import sampling
+from gta_jax.data import transforms
+
+log = logging.getLogger(__name__)
+
+_INFO_FILE = "dataset_info.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+  """What a prepared dataset holds."""
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  num_examples: dict[str, int]
+  path: str = ""  # the prepared copy: <data_dir>/<name>/<config>/<version>
+
+
+# Preparation ---------------------------------------------------------------------------
+
+
+def is_prepared(path: str) -> bool:
+  return os.path.exists(os.path.join(path, _INFO_FILE))
+
+
+def read_meta(path: str) -> DatasetMeta:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = tfds.builder_from_directory(path).info
+  names = tuple(info.features["label"].names)
+  return DatasetMeta(name=info.name, num_classes=len(names), class_names=names,
+                     num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
+                     path=path)
+
+
+def _how_to_prepare(config) -> str:
+  d = config.data
+  return (f"Dataset {d.dataset!r} is not prepared under {d.data_dir!r} and "
+          "config.data.manual_dir is not set. Put its official files in a folder (docs/data.md "
+          "gives each layout), then either set --config.data.manual_dir=DIR, or run\n"
+          f"  python -m gta_jax.data.prepare --dataset={d.dataset} --manual_dir=DIR "
+          f"--data_dir={d.data_dir}")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
+
+
+def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
+  """Runs `prepare_fn` unless `path` is prepared, in one process at a time.
+
+  A lock file next to `path` (O_EXCL) elects the preparing process; the others wait until
+  the data appears, and take over if the lock goes away without it (the preparer failed).
+  A lock left by a dead process on this host is removed; one left by another host must be
+  removed by hand (the message says where). On a data_dir that hosts do not share, each
+  host prepares its own copy.
+  """
+  lock = path.rstrip(os.sep) + ".lock"
+  os.makedirs(os.path.dirname(lock), exist_ok=True)
+  waited, last_log = 0.0, 0.0
+  while not is_prepared(path):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        host, pid = open(lock).read().split()
+        if host == socket.gethostname() and not _pid_alive(int(pid)):
+          log.warning("Removing the stale lock %s of dead process %s.", lock, pid)
+          os.remove(lock)
+          continue
+      except (OSError, ValueError):
+        pass  # the lock is being written or was just removed: look again
+      if waited - last_log >= 60:
+        log.info("Waiting for another process to prepare %s (lock %s, %.0f s).", path, lock,
+                 waited)
+        last_log = waited
+      time.sleep(poll_s)
+      waited += poll_s
+      continue
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+      if not is_prepared(path):
+        prepare_fn()
+    finally:
+      os.remove(lock)
+
+
+def prepare(data_config, *, num_workers: int | None = None) -> DatasetMeta:
+  """Prepares `data_config.dataset` (a no-op when prepared) and returns its metadata.
+
+  Raises:
+    ValueError: a manual dataset that is not prepared and has no `manual_dir`.
+  """
+  path = builders.prepared_dir(data_config)
+
+  def prepare_fn():
+    workers = data_config.prepare_workers if num_workers is None else num_workers
+    builder = builders.make_builder(data_config, num_workers=workers)
+    log.info("Preparing %s into %s", data_config.dataset, path)
+    builder.download_and_prepare()
+    builder.write_report()
+
+  if not is_prepared(path):
+    if builders.needs_manual_dir(data_config.dataset) and not data_config.manual_dir:
+      raise ValueError(_how_to_prepare(dict_config(data_config)))
+    _run_once(path, prepare_fn)
+  return read_meta(path)
+
+
+def dict_config(data_config):
+  """A stand-in `config` with `.data` for messages written for the whole config."""
+  return type("Config", (), {"data": data_config})()
+
+
+def prepare_dataset(config) -> DatasetMeta:
+  """Prepares `config.data.dataset` if needed and checks `config.model.num_classes`.
+
+  Safe to call from every process: one prepares, the others wait for it.
+
+  Raises:
+    ValueError: the dataset is not prepared and cannot be (no manual_dir), or
+      `config.model.num_classes` differs from the dataset's class count.
+  """
+  meta = prepare(config.data)
+  want = config.model.num_classes
+  if want != meta.num_classes:
+    raise ValueError(
+        f"config.model.num_classes is {want} but dataset {meta.name!r} ({meta.path}) has "
+        f"{meta.num_classes} classes; set --config.model.num_classes={meta.num_classes}.")
+  return meta
+
+
+# Reading -------------------------------------------------------------------------------
+
+
+def open_source(config, split: str):
+  """The prepared split as a grain random-access source (a tfds ArrayRecordDataSource)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  path = builders.prepared_dir(config.data)
+  if not is_prepared(path):
+    raise ValueError(f"{config.data.dataset!r} is not prepared at {path}; call "
+                     "pipeline.prepare_dataset(config) first.")
+  builder = tfds.builder_from_directory(path)
+  if split not in builder.info.splits:
+    raise ValueError(f"{config.data.dataset!r} has no split {split!r}; its splits are "
+                     f"{sorted(builder.info.splits)}.")
+  return builder.as_data_source(split)
+
+
+def _frame_indices(data_config, num_frames: int, *, train: bool, rng=None, view: int = 0,
+                   num_views: int = 1) -> np.ndarray:
+  if data_config.sampling == "segment":
+    return sampling.segment_indices(num_frames, data_config.num_frames, train=train, rng=rng,
+                                    view=view, num_views=num_views)
+  if data_config.sampling == "dense":
+    return sampling.clip_indices(num_frames, data_config.num_frames,
+                                 data_config.frame_interval, train=train, rng=rng, view=view,
+                                 num_views=num_views)
+  raise ValueError(f"config.data.sampling must be 'segment' or 'dense', got "
+                   f"{data_config.sampling!r}.")
+
+
+class TrainTransform(grain.transforms.RandomMap):
+  """A video -> one sampled, decoded, cropped (and maybe flipped) clip and its label."""
+
+  def __init__(self, data_config, with_index: bool = False):
+    self.data = _plain(data_config)
+    self.with_index = with_index
+
+  def random_map(self, element, rng: np.random.Generator):
+    d = self.data
+    frames = element["frames"]
+    idx = _frame_indices(d, len(frames), train=True, rng=rng)
+    clip = transforms.decode_frames(frames, idx)
+    video = transforms.train_transform(clip, d.crop_size, d.scales, d.flip, rng)
+    out = {"video": video, "label": np.int32(element["label"])}
+    if self.with_index:
+      out["video_index"] = np.int64(element["index"])
+    return out
+
+
+class EvalTransform(grain.transforms.Map):
+  """A video -> its `V = num_clips * num_crops` views (clip-major), or a masked pad row."""
+
+  def __init__(self, data_config, eval_config):
+    self.data = _plain(data_config)
+    self.num_clips, self.num_crops = int(eval_config.num_clips), int(eval_config.num_crops)
+
+  def map(self, element):
+    d = self.data
+    t, s, v = d.num_frames, d.crop_size, self.num_clips * self.num_crops
+    if element["index"] < 0:  # padding
+      return {"video": np.zeros((v, t, s, s, 3), np.uint8), "label": np.int32(-1),
+              "mask": np.False_, "video_index": np.int64(-1)}
+    frames = element["frames"]
+    idx = np.concatenate([
+        _frame_indices(d, len(frames), train=False, view=c, num_views=self.num_clips)
+        for c in range(self.num_clips)])
+    clips = transforms.decode_frames(frames, idx).reshape(
+        (self.num_clips, t) + transforms.decode_jpeg(frames[0]).shape)
+    views = np.stack([transforms.eval_crops(c, s, d.test_scale, self.num_crops)
+                      for c in clips])  # (clips, crops, T, S, S, 3)
+    return {"video": views.reshape((v, t, s, s, 3)), "label": np.int32(element["label"]),
+            "mask": np.True_, "video_index": np.int64(element["index"])}
+
+
+class _Plain:
+  """A picklable, attribute-access copy of a ConfigDict's plain values."""
+
+  def __init__(self, values: dict):
+    self.__dict__.update(values)
+
+
+def _plain(config) -> _Plain:
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  values = {k: v for k, v in values.items() if not isinstance(v, dict)}
+  if "scales" in values:
+    values["scales"] = tuple(float(x) for x in values["scales"])
+  return _Plain(values)
+
+
+class PaddedEvalSource:
+  """The eval split laid out as `process_count` equal, batch-aligned blocks.
+
+  Block `p` holds videos `[p * per, min((p + 1) * per, n))` with `per = ceil(n / P)`, then
+  padding (`index == -1`) up to `per_padded`, a multiple of the batch size. Sharding this
+  source into `P` contiguous shards gives every process the same number of batches and
+  every video to exactly one process.
+  """
+
+  def __init__(self, source, process_count: int, batch_size: int):
+    self.source = source
+    self.n = len(source)
+    self.per = math.ceil(self.n / process_count)
+    self.per_padded = max(1, math.ceil(self.per / batch_size)) * batch_size
+    self.process_count = process_count
+
+  def __len__(self) -> int:
+    return self.per_padded * self.process_count
+
+  def real_index(self, i: int) -> int:
+    p, j = divmod(int(i), self.per_padded)
+    k = p * self.per + j
+    return k if j < self.per and k < self.n else -1
+
+  def __getitem__(self, i):
+    k = self.real_index(i)
+    if k < 0:
+      return {"index": -1}
+    return dict(self.source[k], index=k)
+
+
+def _local_batch(global_batch: int, process_count: int, what: str) -> int:
+  if global_batch % process_count or global_batch < process_count:
+    raise ValueError(f"{what}={global_batch} must be a positive multiple of the process "
+                     f"count {process_count}.")
+  return global_batch // process_count
+
+
+def _read_options(batch: int) -> grain.ReadOptions:
+  # Reading a record is cheap next to decoding its frames; grain's default (16 threads,
+  # 500 records ahead) only competes with the transforms for the GIL.
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 2 * batch))
+
+
+def _prepare_workers(num_workers: int) -> None:
+  """grain's worker processes read absl flags: mark them parsed outside absl.app."""
+  if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+
+
+class IndexedSource:
+  """A source whose records carry their own index (`"index"`)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return dict(self.source[int(i)], index=int(i))
+
+
+def make_train_loader(config, *, seed: int, process_index: int, process_count: int,
+                      with_index: bool = False):
+  """An infinite grain `DataLoader` of training batches for this process.
+
+  `iter(loader)` is a grain iterator with `get_state()`/`set_state()` for an exact resume.
+  Epoch after epoch, records are shuffled by `(seed, epoch)`; process `p` of `P` reads its
+  own contiguous `1/P` of the records (disjoint shards). Each element's randomness
+  (frames, crop, flip) comes from `seed` and its position in the stream, so it does not
+  depend on `num_workers`.
+
+  Yields `dict(video=uint8 (B_local, T, S, S, 3), label=int32 (B_local,))`, with
+  `B_local = config.batch_size // process_count`, remainders dropped; `with_index` adds
+  `video_index=int64 (B_local,)`, the videos' positions in the split.
+  """
+  d = config.data
+  batch = _local_batch(config.batch_size, process_count, "config.batch_size")
+  source = open_source(config, d.train_split)
+  if with_index:
+    source = IndexedSource(source)
+  if len(source) // process_count < 1:
+    raise ValueError(f"The {d.train_split!r} split has {len(source)} videos, fewer than "
+                     f"the {process_count} processes.")
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardOptions(process_index, process_count,
+                                                drop_remainder=True),
+      shuffle=True, num_epochs=None, seed=int(seed))
+  _prepare_workers(d.num_workers)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[TrainTransform(d, with_index),
+                  grain.transforms.Batch(batch, drop_remainder=True)],
+      worker_count=int(d.num_workers), worker_buffer_size=max(1, int(d.prefetch)),
+      read_options=_read_options(batch))
+
+
+class EvalLoader:
+  """A finite iterable of eval batches; `num_batches` is the same on every process."""
+
+  def __init__(self, loader, num_batches: int, num_videos: int):
+    self._loader = loader
+    self.num_batches = num_batches
+    self.num_videos = num_videos
+
+  def __iter__(self):
+    return iter(self._loader)
+
+
+def make_eval_loader(config, split: str, *, process_index: int, process_count: int):
+  """A finite loader over `split` for this process (see the module docstring).
+
+  Yields `dict(video=uint8 (B_local, V, T, S, S, 3), label=int32, mask=bool,
+  video_index=int64)`, `V = eval.num_clips * eval.num_crops`, `S = data.crop_size` (after
+  resizing the short side to `data.test_scale`). Across processes every video appears once
+  with `mask=True`; padding rows have `mask=False`, `label=-1`, `video_index=-1` and a zero
+  video; every process yields the same number of batches.
+  """
+  d = config.data
+  batch = _local_batch(config.eval.batch_size, process_count, "config.eval.batch_size")
+  padded = PaddedEvalSource(open_source(config, split), process_count, batch)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(padded),
+      shard_options=grain.sharding.ShardOptions(process_index, process_count,
+                                                drop_remainder=False),
+      shuffle=False, num_epochs=1, seed=0)
+  _prepare_workers(d.num_workers)
+  loader = grain.DataLoader(
+      data_source=padded, sampler=sampler,
+      operations=[EvalTransform(d, config.eval),
+                  grain.transforms.Batch(batch, drop_remainder=False)],
+      worker_count=int(d.num_workers), worker_buffer_size=max(1, int(d.prefetch)),
+      read_options=_read_options(batch))
+  return EvalLoader(loader, padded.per_padded // batch, padded.n)

@@ -1,0 +1,50 @@
+"""Reading videos (PyAV) and frame folders (cv2) into RGB frames, at preparation time."""
+
+from __future__ import annotations
+
+import os
+
+import av
+import cv2
+import numpy as np
+
+from gta_jax.data import transforms
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def read_video(path: str) -> list[np.ndarray]:
+  """All frames of the first video stream of `path`, RGB uint8. Raises on a broken file."""
+  with av.open(path) as container:
+    if not container.streams.video:
+      raise ValueError("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+
+
+def list_frames(folder: str) -> list[str]:
+  names = [n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS)]
+  return [os.path.join(folder, n) for n in sorted(names)]
+
+
+def read_frame_folder(folder: str) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
+  """The frames of a frame folder in file-name order, and the unreadable ones (skipped)."""
+  frames, bad = [], []
+  for path in list_frames(folder):
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+      bad.append((path, "cannot decode the image"))
+    else:
+      frames.append(img[..., ::-1])
+  return frames, bad
+
+
+def encode_frames(frames: list[np.ndarray], resize_short: int, quality: int) -> list[bytes]:
+  """Resizes each frame's short side to `resize_short` (0 keeps the size) and JPEG-encodes."""
+  out = []
+  for f in frames:
+    if resize_short:
+      f = transforms.resize_short_side(f, resize_short)
+    out.append(transforms.encode_jpeg(f, quality))
+  return out
