@@ -51,8 +51,17 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, read_only=read_only, create=not read_only)
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data", "config"), options=options)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name, handler, save, restore in (
+        ("state", ocp.StandardCheckpointHandler(), ocp.args.StandardSave,
+         ocp.args.StandardRestore),
+        ("config", ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
+        ("data", grain.checkpoint.CheckpointHandler(), grain.checkpoint.CheckpointSave,
+         grain.checkpoint.CheckpointRestore)):
+      registry.add(name, save, handler)
+      registry.add(name, restore, handler)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         handler_registry=registry)
 
   def all_steps(self):
     return self.manager.all_steps()
@@ -124,8 +133,8 @@ class Checkpointer:
 
 
 def _as_dict(metadata: Any) -> Any:
-  tree = getattr(metadata, "tree", metadata)
-  return jax.tree.map(lambda x: x, dict(tree)) if not isinstance(tree, dict) else tree
+  """The nested dict of array metadata of a saved `state` item."""
+  return dict(getattr(metadata, "tree", metadata))
 
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
