@@ -1,7 +1,11 @@
-"""Reading videos (PyAV) and frame folders (cv2) into RGB frames, at preparation time."""
+"""Reading videos (PyAV) and frame folders (cv2) into RGB frames, at preparation time.
+
+Light on imports (no tfds): preparation's worker processes import only this module.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import av
@@ -11,6 +15,16 @@ import numpy as np
 from gta_jax.data import transforms
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".ogv", ".3gp", ".wmv")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoItem:
+  """One video to prepare: a video file or a folder of frames, with its label index."""
+  path: str
+  label: int
+  video_id: str
 
 
 def read_video(path: str) -> list[np.ndarray]:
@@ -48,3 +62,20 @@ def encode_frames(frames: list[np.ndarray], resize_short: int, quality: int) -> 
       f = transforms.resize_short_side(f, resize_short)
     out.append(transforms.encode_jpeg(f, quality))
   return out
+
+
+def load_video(item: VideoItem, *, resize_short: int, jpeg_quality: int):
+  """Reads a video file or frame folder -> (jpeg list, bad frames, error or None).
+
+  Never raises: a video that cannot be read comes back with its error message.
+  """
+  try:
+    if os.path.isdir(item.path):
+      frames, bad = read_frame_folder(item.path)
+    else:
+      frames, bad = read_video(item.path), []
+    if not frames:
+      return None, bad, "no decodable frames"
+    return encode_frames(frames, resize_short, jpeg_quality), bad, None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, [], f"{type(e).__name__}: {e}"

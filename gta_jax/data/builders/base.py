@@ -25,21 +25,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gta_jax.data import video_io
+
 VERSION = "1.0.0"
 REPORT_FILE = "prepare_report.json"
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
-                    ".ogv", ".3gp", ".wmv")
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VIDEO_EXTENSIONS = video_io.VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoItem:
-  """One video to prepare: a video file or a folder of frames, with its label index."""
-  path: str
-  label: int
-  video_id: str
+VideoItem = video_io.VideoItem
 
 
 @dataclasses.dataclass
@@ -117,7 +112,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split: str, items: Sequence[VideoItem]) -> Iterator:
     """Decodes the videos in worker processes; logs, skips and counts the broken ones."""
     skipped = self.skipped.setdefault(split, Skipped())
-    load = functools.partial(load_video, resize_short=self.resize_short,
+    load = functools.partial(video_io.load_video, resize_short=self.resize_short,
                              jpeg_quality=self.jpeg_quality)
     workers = min(self.num_workers, max(1, len(items)))
     results = _parallel_map(load, items, workers)
@@ -169,21 +164,3 @@ def _parallel_map(fn, items: Sequence, workers: int) -> Iterator:
   # 'spawn': the caller may be a process with jax (threads) already running.
   with multiprocessing.get_context("spawn").Pool(workers) as pool:
     yield from pool.imap(fn, items, chunksize=1)
-
-
-def load_video(item: VideoItem, *, resize_short: int, jpeg_quality: int):
-  """Reads a video file or frame folder -> (jpeg list, bad frames, error or None).
-
-  Never raises: a video that cannot be read comes back with its error message.
-  """
-  from gta_jax.data import video_io  # pylint: disable=g-import-not-at-top
-  try:
-    if os.path.isdir(item.path):
-      frames, bad = video_io.read_frame_folder(item.path)
-    else:
-      frames, bad = video_io.read_video(item.path), []
-    if not frames:
-      return None, bad, "no decodable frames"
-    return video_io.encode_frames(frames, resize_short, jpeg_quality), bad, None
-  except Exception as e:  # pylint: disable=broad-except
-    return None, [], f"{type(e).__name__}: {e}"
