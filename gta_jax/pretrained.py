@@ -246,7 +246,7 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
                  f"{head.shape[1]}")
 
   plan = Plan({}, [], [], [])
-  problems, used = [], set()
+  missing, mismatched, used = [], [], set()
   for path, leaf in flat.items():
     name = torch_name(path)
     if name is None:
@@ -256,18 +256,20 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
       plan.kept.append((path, head_kept))
       continue
     if name not in state_dict:
-      problems.append(f"{name} is missing (for {'/'.join(path)})")
+      missing.append((name, "/".join(path[1:-1])))
       continue
     used.add(name)
     value, how = convert(state_dict[name], path, tuple(leaf.shape), inflation)
     if value.shape != tuple(leaf.shape):
-      problems.append(
-          f"{name} has shape {state_dict[name].shape}, {value.shape} as flax; "
-          f"{'/'.join(path)} needs {tuple(leaf.shape)}")
+      layout = "" if value.shape == state_dict[name].shape else (
+          f", {value.shape} as flax")
+      mismatched.append(f"{name} has shape {state_dict[name].shape}{layout}; "
+                        f"{'/'.join(path)} needs {tuple(leaf.shape)}")
       continue
     plan.arrays[path] = value
     plan.loaded.append((path, name, how))
 
+  unused = []
   for name in state_dict:
     if name in used:
       continue
@@ -276,14 +278,38 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
     elif head_kept and name in ("fc.weight", "fc.bias"):
       plan.ignored.append((name, head_kept))
     else:
-      problems.append(f"{name} {state_dict[name].shape} is in the file but not "
-                      "in the model")
-  if problems:
+      unused.append((name, f"{state_dict[name].shape}"))
+  if missing or mismatched or unused:
+    problems = (_grouped(missing, "is missing (for {})") + mismatched
+                + _grouped(unused, "{} is in the file but not in the model"))
+    problems.sort(key=_model_order)
     shown = "\n  ".join(problems[:12])
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-    raise ValueError(f"{source} does not fit the model; the file holds "
-                     f"{describe_file(state_dict)}:\n  {shown}{more}")
+    raise ValueError(
+        f"{source} does not fit the model ({len(missing)} arrays missing from the "
+        f"file, {len(mismatched)} of another shape, {len(unused)} file entries "
+        f"unused); file: {describe_file(state_dict)}:\n  {shown}{more}")
   return plan
+
+
+def _model_order(text: str) -> Tuple[bool, List[Any]]:
+  """Sorts torchvision names as the network runs: stem, layer1.0, ..., layer4.2, fc."""
+  return text.startswith("fc."), [int(part) if part.isdigit() else part
+                                  for part in re.split(r"(\d+)", text)]
+
+
+def _grouped(entries: List[Tuple[str, str]], template: str) -> List[str]:
+  """Lines of `name template.format(detail)`, the leaves of one module on one line."""
+  modules = collections.defaultdict(list)
+  for name, detail in entries:
+    module, _, leaf = name.rpartition(".")
+    modules[(module, detail)].append(leaf)
+  lines = []
+  for (module, detail), leaves in modules.items():
+    name = f"{module}.{leaves[0]}" if len(leaves) == 1 else (
+        f"{module}.{{{','.join(leaves)}}}")
+    lines.append(f"{name} {template.format(detail)}")
+  return lines
 
 
 def apply_plan(variables: Any, plan: Plan) -> Any:
