@@ -14,6 +14,7 @@ Only the sampled frames of a video are JPEG-decoded. Frames stay uint8 (normalis
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -192,7 +193,7 @@ def _frame_indices(data_config, num_frames: int, *, train: bool, rng=None, view:
                    f"{data_config.sampling!r}.")
 
 
-class TrainTransform(grain.transforms.RandomMap):
+class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-method
   """A video -> one sampled, decoded, cropped (and maybe flipped) clip and its label."""
 
   def __init__(self, data_config, with_index: bool = False):
@@ -289,10 +290,80 @@ def _local_batch(global_batch: int, process_count: int, what: str) -> int:
   return global_batch // process_count
 
 
-def _read_options(batch: int) -> grain.ReadOptions:
-  # Reading a record is cheap next to decoding its frames; grain's default (16 threads,
-  # 500 records ahead) only competes with the transforms for the GIL.
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 2 * batch))
+def _read_options() -> grain.ReadOptions:
+  # Each element of the iter dataset is a whole batch: a few threads decode batches
+  # ahead (cv2 releases the GIL), on top of the worker processes, if any.
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
+def _to_iter(ds: grain.MapDataset, data_config) -> grain.IterDataset:
+  """Batches -> an iter dataset, in `num_workers` processes when > 0.
+
+  The dataset is batched before it is split among workers, so worker `w` of `W` makes
+  batches `w, w + W, ...` and the stream is the same batches in the same order for any
+  number of workers.
+  """
+  it = ds.to_iter_dataset(_read_options())
+  workers = int(data_config.num_workers)
+  if workers > 0:
+    _prepare_workers(workers)
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, int(data_config.prefetch))))
+  return it
+
+
+class BatchIterator:
+  """Batches `k, k+1, ...` of a random-access dataset of batches; the state is `k`.
+
+  `get_state()` is JSON bytes (`{"next_batch": k}`), the form grain's orbax checkpoint
+  handler stores for non-`DatasetIterator` iterators; `set_state` restarts the pipeline at
+  batch `k` by slicing the dataset, so a state restores exactly whatever the number of
+  workers before and after.
+  """
+
+  def __init__(self, batches: grain.MapDataset, data_config):
+    self._batches = batches
+    self._data_config = data_config
+    self._next = 0
+    self._it = None
+
+  def __iter__(self):
+    return self
+
+  def start_prefetch(self) -> None:
+    if self._it is None:
+      self._it = iter(_to_iter(self._batches[self._next:], self._data_config))
+
+  def __next__(self):
+    self.start_prefetch()
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({"next_batch": self._next}).encode()
+
+  def set_state(self, state) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    self.close()
+    self._next = int(state["next_batch"])
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
+class TrainLoader:
+  """An iterable of training batches; each `iter()` starts a `BatchIterator` at batch 0."""
+
+  def __init__(self, batches: grain.MapDataset, data_config):
+    self.batches = batches
+    self.data_config = data_config
+
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(self.batches, self.data_config)
 
 
 def _prepare_workers(num_workers: int) -> None:
@@ -317,14 +388,15 @@ class IndexedSource:
 
 
 def make_train_loader(config, *, seed: int, process_index: int, process_count: int,
-                      with_index: bool = False):
-  """An infinite grain `DataLoader` of training batches for this process.
+                      with_index: bool = False) -> TrainLoader:
+  """An infinite iterable of training batches for this process.
 
-  `iter(loader)` is a grain iterator with `get_state()`/`set_state()` for an exact resume.
-  Epoch after epoch, records are shuffled by `(seed, epoch)`; process `p` of `P` reads its
-  own contiguous `1/P` of the records (disjoint shards). Each element's randomness
-  (frames, crop, flip) comes from `seed` and its position in the stream, so it does not
-  depend on `num_workers`.
+  `iter(loader)` is a `BatchIterator` with `get_state()`/`set_state()` for an exact
+  resume (grain's orbax checkpoint handler saves and restores it). Process `p` of `P` reads its own contiguous `n // P` videos (disjoint
+  shards; the last `n % P` are never read), shuffled by `(seed, epoch)` epoch after epoch.
+  Each clip's randomness (frames, crop, flip) comes from `seed` and its position in the
+  stream, and batches are made before the worker split, so the stream is the same for any
+  `config.data.num_workers`.
 
   Yields `dict(video=uint8 (B_local, T, S, S, 3), label=int32 (B_local,))`, with
   `B_local = config.batch_size // process_count`, remainders dropped; `with_index` adds
@@ -335,21 +407,14 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   source = open_source(config, d.train_split)
   if with_index:
     source = IndexedSource(source)
-  if len(source) // process_count < 1:
+  per = len(source) // process_count
+  if per < 1:
     raise ValueError(f"The {d.train_split!r} split has {len(source)} videos, fewer than "
                      f"the {process_count} processes.")
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.ShardOptions(process_index, process_count,
-                                                drop_remainder=True),
-      shuffle=True, num_epochs=None, seed=int(seed))
-  _prepare_workers(d.num_workers)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[TrainTransform(d, with_index),
-                  grain.transforms.Batch(batch, drop_remainder=True)],
-      worker_count=int(d.num_workers), worker_buffer_size=max(1, int(d.prefetch)),
-      read_options=_read_options(batch))
+  ds = grain.MapDataset.source(source)[process_index * per:(process_index + 1) * per]
+  ds = ds.shuffle(seed=int(seed)).repeat(None)  # each epoch reshuffled by seed + epoch
+  ds = ds.random_map(TrainTransform(d, with_index), seed=int(seed))
+  return TrainLoader(ds.batch(batch, drop_remainder=True), d)
 
 
 class EvalLoader:
@@ -376,16 +441,7 @@ def make_eval_loader(config, split: str, *, process_index: int, process_count: i
   d = config.data
   batch = _local_batch(config.eval.batch_size, process_count, "config.eval.batch_size")
   padded = PaddedEvalSource(open_source(config, split), process_count, batch)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(padded),
-      shard_options=grain.sharding.ShardOptions(process_index, process_count,
-                                                drop_remainder=False),
-      shuffle=False, num_epochs=1, seed=0)
-  _prepare_workers(d.num_workers)
-  loader = grain.DataLoader(
-      data_source=padded, sampler=sampler,
-      operations=[EvalTransform(d, config.eval),
-                  grain.transforms.Batch(batch, drop_remainder=False)],
-      worker_count=int(d.num_workers), worker_buffer_size=max(1, int(d.prefetch)),
-      read_options=_read_options(batch))
-  return EvalLoader(loader, padded.per_padded // batch, padded.n)
+  ds = grain.MapDataset.source(padded)
+  ds = ds[process_index * padded.per_padded:(process_index + 1) * padded.per_padded]
+  ds = ds.map(EvalTransform(d, config.eval)).batch(batch, drop_remainder=True)
+  return EvalLoader(_to_iter(ds, d), padded.per_padded // batch, padded.n)
