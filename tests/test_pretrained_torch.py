@@ -1,0 +1,155 @@
+"""Parity with PyTorch: torchvision's ResNet-50 and ours give the same logits from one
+`.pth` file, and `.pth` files written by torch.save read back exactly.
+
+PyTorch never enters the project's environment: a script runs in a separate Python
+that has torch and torchvision, found as
+
+* `$GTA_JAX_TORCH_PYTHON`, a python with torch and torchvision, or
+* `<repo>/.venv-torch/bin/python` (`.venv*/` is git-ignored). In CI (`CI=true`) it is
+  created when absent: `python -m venv .venv-torch && .venv-torch/bin/pip install
+  torch==2.14.1 torchvision==0.29.1`.
+
+Elsewhere, without either, the tests are skipped with the reason.
+"""
+
+import fcntl
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gta_jax import config_lib
+from gta_jax import pretrained
+from gta_jax import torch_pickle
+from gta_jax.models import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_VENV = os.path.join(REPO, ".venv-torch")
+TORCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1")
+
+# Runs in the torch environment: random torchvision ResNet-50 weights (BN statistics
+# and affine parameters too, so that every mapped tensor matters), its eval-mode
+# logits on a random batch, and a file of strided views.
+TORCH_SCRIPT = r"""
+import sys
+import numpy as np
+import torch
+import torchvision
+
+out = sys.argv[1]
+torch.manual_seed(0)
+model = torchvision.models.resnet50()
+with torch.no_grad():
+  for module in model.modules():
+    if isinstance(module, torch.nn.BatchNorm2d):
+      module.weight.uniform_(0.5, 1.5)
+      module.bias.normal_(0, 0.1)
+      module.running_mean.normal_(0, 0.1)
+      module.running_var.uniform_(0.5, 2.0)
+  model.fc.bias.normal_(0, 0.1)
+model.eval()
+torch.save(model.state_dict(), f"{out}/resnet50.pth")
+x = torch.randn(2, 3, 160, 160)
+with torch.no_grad():
+  logits = model(x)
+np.save(f"{out}/input.npy", x.numpy())
+np.save(f"{out}/logits.npy", logits.numpy())
+
+grid = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+torch.save({"grid": grid, "transposed": grid.t(), "corner": grid[1:, 2:],
+            "half": grid.half(), "bf16": grid.bfloat16(), "long": torch.arange(5),
+            "param": torch.nn.Parameter(grid)}, f"{out}/views.pth")
+"""
+
+
+def _has_torch(python):
+  """Whether `python` has torch and torchvision installed (found, not imported)."""
+  check = ("import importlib.util as u, sys; "
+           "sys.exit(not (u.find_spec('torch') and u.find_spec('torchvision')))")
+  return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
+
+
+def _create_torch_venv():
+  """Creates `.venv-torch` (CI only); a lock keeps parallel workers from racing."""
+  lock_path = os.path.join(tempfile.gettempdir(), "gta_jax_torch_venv.lock")
+  python = os.path.join(TORCH_VENV, "bin", "python")
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(python):
+      subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
+    if not _has_torch(python):
+      subprocess.run([python, "-m", "pip", "install", "--quiet", *TORCH_PACKAGES],
+                     check=True, timeout=900)
+  return python
+
+
+@functools.lru_cache(maxsize=None)
+def torch_python():
+  """A python with torch and torchvision, or None."""
+  python = os.environ.get("GTA_JAX_TORCH_PYTHON")
+  if python:
+    if not _has_torch(python):
+      raise RuntimeError(f"GTA_JAX_TORCH_PYTHON={python} has no torch and "
+                         "torchvision")
+    return python
+  python = os.path.join(TORCH_VENV, "bin", "python")
+  if os.path.exists(python) and _has_torch(python):
+    return python
+  if os.environ.get("CI", "").lower() == "true":
+    return _create_torch_venv()
+  return None
+
+
+@pytest.fixture(scope="module")
+def torch_outputs(tmp_path_factory):
+  python = torch_python()
+  if python is None:
+    pytest.skip(f"PyTorch venv absent: create it with `python3 -m venv {TORCH_VENV} && "
+                f"{TORCH_VENV}/bin/pip install {' '.join(TORCH_PACKAGES)}`, or set "
+                "GTA_JAX_TORCH_PYTHON to a python with torch (CI=true creates it)")
+  out = tmp_path_factory.mktemp("torch")
+  subprocess.run([python, "-c", TORCH_SCRIPT, str(out)], check=True, timeout=300,
+                 env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  return out
+
+
+def test_resnet50_reproduces_torchvision_logits(torch_outputs):
+  config = config_lib.base_config()
+  config.data.num_frames = 1
+  config.model.update(dict(arch="resnet2d", depth=50, num_classes=1000))
+  model = build_model(config)
+  x = np.load(torch_outputs / "input.npy")  # (B, 3, H, W)
+  video = jnp.asarray(x.transpose(0, 2, 3, 1)[:, None])  # (B, T=1, H, W, 3)
+  abstract = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.key(0), video)
+  variables = pretrained.load_pretrained(abstract, str(torch_outputs / "resnet50.pth"),
+                                         config)
+  # Every variable came from the file (none is left a shape struct).
+  assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(variables))
+  logits = np.asarray(jax.jit(functools.partial(model.apply, train=False))(
+      variables, video))
+  reference = np.load(torch_outputs / "logits.npy")
+  assert logits.shape == reference.shape == (2, 1000)
+  relative = np.abs(logits - reference).max() / np.abs(reference).max()
+  print(f"ResNet-50 logits vs torchvision: max |diff| / max |logit| = {relative:.2e}")
+  assert relative < 1e-4, relative
+
+
+def test_pth_from_torch_save_reads_back_exactly(torch_outputs):
+  loaded = torch_pickle.load(torch_outputs / "views.pth")
+  grid = np.arange(24, dtype=np.float32).reshape(4, 6)
+  np.testing.assert_array_equal(loaded["grid"], grid)
+  np.testing.assert_array_equal(loaded["transposed"], grid.T)
+  np.testing.assert_array_equal(loaded["corner"], grid[1:, 2:])
+  np.testing.assert_array_equal(loaded["param"], grid)
+  np.testing.assert_array_equal(loaded["long"], np.arange(5))
+  assert loaded["half"].dtype == np.float16 and loaded["long"].dtype == np.int64
+  np.testing.assert_array_equal(loaded["half"], grid)
+  assert loaded["bf16"].dtype.name == "bfloat16"
+  np.testing.assert_array_equal(loaded["bf16"].astype(np.float32), grid)
