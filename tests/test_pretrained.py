@@ -135,7 +135,7 @@ def _ints(values):
   return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
 
 
-def write_pth(path, tensors, storages=None):
+def write_pth(path, tensors, storages=None, legacy=False):
   """Writes a state dict as torch.save does (protocol 2 pickle + raw storages).
 
   Args:
@@ -143,6 +143,7 @@ def write_pth(path, tensors, storages=None):
     tensors: name -> array, or name -> (storage key, offset, shape, strides) views
       of `storages` (strides in elements).
     storages: key -> 1-D array.
+    legacy: PyTorch < 1.6's format (one stream) instead of the zip archive.
   """
   storages = dict(storages or {})
   pkl = [b"\x80\x02", b"ccollections\nOrderedDict\n)R"]
@@ -154,11 +155,21 @@ def write_pth(path, tensors, storages=None):
     key, offset, shape, strides = value
     storage = storages[key]
     pid = (b"(" + _str("storage") + f"ctorch\n{_STORAGE[storage.dtype]}\n".encode()
-           + _str(key) + _str("cpu") + b"J" + struct.pack("<i", storage.size) + b"tQ")
+           + _str(key) + _str("cpu") + b"J" + struct.pack("<i", storage.size)
+           + (b"N" if legacy else b"") + b"tQ")
     pkl += [_str(name), b"ctorch._utils\n_rebuild_tensor_v2\n(", pid,
             b"J" + struct.pack("<i", offset), _ints(shape), _ints(strides),
             b"\x89ccollections\nOrderedDict\n)RtR", b"s"]
   pkl.append(b".")
+  if legacy:
+    with open(path, "wb") as f:
+      for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+        f.write(pickle.dumps(header, protocol=2))
+      f.write(b"".join(pkl))
+      f.write(pickle.dumps(sorted(storages), protocol=2))
+      for key in sorted(storages):
+        f.write(struct.pack("<q", storages[key].size) + storages[key].tobytes())
+    return
   with zipfile.ZipFile(path, "w") as archive:
     archive.writestr("archive/data.pkl", b"".join(pkl))
     archive.writestr("archive/byteorder", "little")
@@ -202,7 +213,8 @@ def flat(tree):
 # -- the .pth reader ---------------------------------------------------------------
 
 
-def test_pth_reader_reads_views_dtypes_and_shared_storage(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pth_reader_reads_views_dtypes_and_shared_storage(tmp_path, legacy):
   base = np.arange(24, dtype=np.float32)
   tensors = {
       "a": ("s", 0, (4, 6), (6, 1)),
@@ -212,7 +224,7 @@ def test_pth_reader_reads_views_dtypes_and_shared_storage(tmp_path):
       "count": np.array(7, np.int64),
   }
   path = tmp_path / "views.pth"
-  write_pth(path, tensors, {"s": base})
+  write_pth(path, tensors, {"s": base}, legacy=legacy)
   loaded = torch_pickle.load(path)
   grid = base.reshape(4, 6)
   np.testing.assert_array_equal(loaded["a"], grid)
@@ -252,6 +264,11 @@ def test_pth_reader_refuses_a_pickle_that_runs_a_command(tmp_path):
   global_name = f"{os.system.__module__}.system"
   with pytest.raises(torch_pickle.UnsafePickleError, match=global_name):
     torch_pickle.load(path)
+  legacy = tmp_path / "planted_legacy.pth"  # the same in the pre-zip format
+  legacy.write_bytes(b"".join(pickle.dumps(x, protocol=2) for x in (
+      0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}, payload)))
+  with pytest.raises(torch_pickle.UnsafePickleError, match=global_name):
+    torch_pickle.load(legacy)
   with pytest.raises(torch_pickle.UnsafePickleError, match="refusing"):
     pretrained.load_state_dict(path)
   assert not marker.exists()
@@ -280,8 +297,13 @@ def test_pth_reader_checks_views_and_records(tmp_path):
   with pytest.raises(ValueError, match="archive/data/s.*missing"):
     torch_pickle.load(path)
   (tmp_path / "old.pth").write_bytes(pickle.dumps({"w": 1}, protocol=2))
-  with pytest.raises(ValueError, match="not a PyTorch zip checkpoint"):
+  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
     torch_pickle.load(tmp_path / "old.pth")
+  write_pth(tmp_path / "legacy.pth", {"w": np.zeros(6, np.float32)}, legacy=True)
+  data = (tmp_path / "legacy.pth").read_bytes()
+  (tmp_path / "short.pth").write_bytes(data[:-8])  # the storage is cut short
+  with pytest.raises(ValueError, match="fewer than 6 x float32"):
+    torch_pickle.load(tmp_path / "short.pth")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])

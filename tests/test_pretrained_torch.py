@@ -35,7 +35,7 @@ TORCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1")
 
 # Runs in the torch environment: random torchvision ResNet-50 weights (BN statistics
 # and affine parameters too, so that every mapped tensor matters), its eval-mode
-# logits on a random batch, and a file of strided views.
+# logits on a random batch, and files of strided views (zip and legacy formats).
 TORCH_SCRIPT = r"""
 import sys
 import numpy as np
@@ -62,9 +62,11 @@ np.save(f"{out}/input.npy", x.numpy())
 np.save(f"{out}/logits.npy", logits.numpy())
 
 grid = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-torch.save({"grid": grid, "transposed": grid.t(), "corner": grid[1:, 2:],
-            "half": grid.half(), "bf16": grid.bfloat16(), "long": torch.arange(5),
-            "param": torch.nn.Parameter(grid)}, f"{out}/views.pth")
+views = {"grid": grid, "transposed": grid.t(), "corner": grid[1:, 2:],
+         "half": grid.half(), "bf16": grid.bfloat16(), "long": torch.arange(5),
+         "param": torch.nn.Parameter(grid)}
+torch.save(views, f"{out}/views.pth")
+torch.save(views, f"{out}/views_legacy.pth", _use_new_zipfile_serialization=False)
 """
 
 
@@ -141,8 +143,9 @@ def test_resnet50_reproduces_torchvision_logits(torch_outputs):
   assert relative < 1e-4, relative
 
 
-def test_pth_from_torch_save_reads_back_exactly(torch_outputs):
-  loaded = torch_pickle.load(torch_outputs / "views.pth")
+@pytest.mark.parametrize("name", ["views.pth", "views_legacy.pth"])
+def test_pth_from_torch_save_reads_back_exactly(torch_outputs, name):
+  loaded = torch_pickle.load(torch_outputs / name)
   grid = np.arange(24, dtype=np.float32).reshape(4, 6)
   np.testing.assert_array_equal(loaded["grid"], grid)
   np.testing.assert_array_equal(loaded["transposed"], grid.T)
