@@ -1,5 +1,7 @@
 """The grain pipeline on a tiny `synthetic_motion`: shapes, resume, sharding, eval coverage."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -214,3 +216,34 @@ def test_state_goes_through_grains_checkpoint_handler(data_dir, tmp_path):
   fresh = iter(pipeline.make_train_loader(c, seed=1, process_index=0, process_count=1))
   handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(fresh))
   assert_same_batches(take(fresh, 2), expected)
+
+
+def test_concurrent_preparation_is_race_free(tmp_path, monkeypatch):
+  import socket
+  import threading
+  from gta_jax.data import builders
+  c = tiny_config(tmp_path)
+  c.data.synthetic.train_per_class = c.data.synthetic.val_per_class = 1
+  calls = []
+  real = builders.make_builder
+  monkeypatch.setattr(builders, "make_builder",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  # A lock left by a dead process on this host is cleared, not waited on forever.
+  path = builders.prepared_dir(c.data)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "w") as f:
+    f.write(f"{socket.gethostname()} 999999999")
+  results, start = [], threading.Barrier(3)
+
+  def worker():
+    start.wait()
+    results.append(pipeline.prepare_dataset(c))
+
+  threads = [threading.Thread(target=worker) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert len(results) == 3 and all(r == results[0] for r in results)
+  assert len(calls) == 1  # one preparer, the others waited for it
+  assert not os.path.exists(path + ".lock")

@@ -229,8 +229,8 @@ class EvalTransform(grain.transforms.Map):
     idx = np.concatenate([
         _frame_indices(d, len(frames), train=False, view=c, num_views=self.num_clips)
         for c in range(self.num_clips)])
-    clips = transforms.decode_frames(frames, idx).reshape(
-        (self.num_clips, t) + transforms.decode_jpeg(frames[0]).shape)
+    decoded = transforms.decode_frames(frames, idx)
+    clips = decoded.reshape((self.num_clips, t) + decoded.shape[1:])
     views = np.stack([transforms.eval_crops(c, s, d.test_scale, self.num_crops)
                       for c in clips])  # (clips, crops, T, S, S, 3)
     return {"video": views.reshape((v, t, s, s, 3)), "label": np.int32(element["label"]),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import av
 import cv2
 import numpy as np
 
@@ -29,6 +28,7 @@ class VideoItem:
 
 def read_video(path: str) -> list[np.ndarray]:
   """All frames of the first video stream of `path`, RGB uint8. Raises on a broken file."""
+  import av  # pylint: disable=g-import-not-at-top  (only preparation decodes videos)
   with av.open(path) as container:
     if not container.streams.video:
       raise ValueError("no video stream")
@@ -55,11 +55,19 @@ def read_frame_folder(folder: str) -> tuple[list[np.ndarray], list[tuple[str, st
 
 
 def encode_frames(frames: list[np.ndarray], resize_short: int, quality: int) -> list[bytes]:
-  """Resizes each frame's short side to `resize_short` (0 keeps the size) and JPEG-encodes."""
-  out = []
+  """Resizes each frame's short side to `resize_short` (0 keeps the size) and JPEG-encodes.
+
+  Every frame comes out the size of the first one, so that a clip's frames stack (a
+  frame folder may mix sizes).
+  """
+  out, size = [], None
   for f in frames:
     if resize_short:
       f = transforms.resize_short_side(f, resize_short)
+    if size is None:
+      size = f.shape[:2]
+    elif f.shape[:2] != size:
+      f = cv2.resize(f, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     out.append(transforms.encode_jpeg(f, quality))
   return out
 
