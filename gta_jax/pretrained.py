@@ -118,12 +118,12 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   if not isinstance(state, Mapping):
     raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
                      f"{type(state).__name__}")
+  for key, value in state.items():
+    if not isinstance(key, str) or not isinstance(value, np.ndarray):
+      raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}; expected "
+                       f"a plain state dict of name -> tensor")
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module."):]: v for k, v in state.items()}
-  for key, value in state.items():
-    if not isinstance(value, np.ndarray):
-      raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a "
-                       f"tensor; expected a plain state dict")
   return dict(state)
 
 
@@ -155,7 +155,7 @@ def file_architecture(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   fc = state_dict.get("fc.weight")
   return dict(stage_sizes=sizes, bottleneck=bottleneck, width=int(stem.shape[0]),
               stem_kernel=int(stem.shape[-1]), depth=depth,
-              num_classes=None if fc is None else int(fc.shape[0]))
+              num_classes=int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None)
 
 
 def describe_file(state_dict: Mapping[str, np.ndarray]) -> str:

@@ -55,7 +55,14 @@ STORAGE_DTYPES: Dict[str, np.dtype] = {
 }
 
 
-class StorageType:
+class _Sealed:
+  """Refuses pickle's BUILD, which would otherwise set any attribute from the file."""
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f"refusing to set the state of {self!r} from the file")
+
+
+class StorageType(_Sealed):
   """Stands for a `torch.<X>Storage` class in a persistent id: only its dtype."""
 
   def __init__(self, name: str):
@@ -66,7 +73,7 @@ class StorageType:
     return f"torch.{self.name}"
 
 
-class StorageStandIn:
+class StorageStandIn(_Sealed):
   """A storage whose data is not read yet: tensors on it are checked, not built."""
   ndim = 1
 
