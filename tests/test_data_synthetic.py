@@ -60,3 +60,21 @@ def test_prepared_dataset_is_deterministic_and_labelled(tmp_path):
     assert transforms.decode_jpeg(x["frames"][0]).shape == (40, 48, 3)
     labels.add(int(x["label"]))
   assert labels == set(range(10))
+
+
+def test_default_length_samples_a_video_and_its_reverse_alike():
+  """With the default 24 frames and T = 8, every sampler picks mirror-image frame sets, so
+  the frames an order-blind model sees have the same distribution in both classes."""
+  from gta_jax import config_lib
+  from gta_jax.data import sampling
+  c = config_lib.synthetic_config()
+  n, t = c.data.synthetic.num_frames, c.data.num_frames
+  mirror = lambda idx: sorted(n - 1 - i for i in idx)
+  test = sampling.segment_indices(n, t, train=False).tolist()
+  assert mirror(test) == sorted(test)
+  dense = sampling.clip_indices(n, t, 1, train=False).tolist()
+  assert mirror(dense) == sorted(dense)
+  # Train: the per-segment windows mirror each other (segment x <-> segment T-1-x).
+  avg = n // t
+  windows = {tuple(range(x * avg, (x + 1) * avg)) for x in range(t)}
+  assert n % t == 0 and {tuple(mirror(w)) for w in windows} == windows

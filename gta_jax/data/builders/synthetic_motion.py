@@ -147,7 +147,7 @@ class SyntheticMotion(base.VideoBuilder, skip_registration=True):
   name = "synthetic_motion"
 
   def __init__(self, *, data_dir: str, train_per_class: int = 120, val_per_class: int = 25,
-               num_frames: int = 16, height: int = 40, width: int = 48, seed: int = 0,
+               num_frames: int = 24, height: int = 40, width: int = 48, seed: int = 0,
                jpeg_quality: int = 90, **unused):
     del unused  # resize_short, num_workers, ...: not used here
     self.per_class = {"train": int(train_per_class), "val": int(val_per_class)}
