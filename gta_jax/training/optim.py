@@ -50,8 +50,14 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(fractions):
       raise ValueError("config.optim.step_boundaries must be increasing fractions of "
                        f"total_steps in (0, 1), got {fractions}")
+    steps = [int(f * total) for f in fractions]
+    if steps[0] <= o.warmup_steps or len(set(steps)) < len(steps):
+      raise ValueError(f"config.optim.step_boundaries={fractions} of total_steps={total} "
+                       f"give steps {steps}: they must be distinct and after the "
+                       f"{o.warmup_steps} warm-up steps")
+    # The count restarts after the warm-up.
     main = optax.piecewise_constant_schedule(
-        peak, {max(int(f * total) - o.warmup_steps, 1): o.step_factor for f in fractions})
+        peak, {s - o.warmup_steps: o.step_factor for s in steps})
   else:
     main = optax.constant_schedule(peak)
   if not o.warmup_steps:

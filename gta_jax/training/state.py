@@ -105,12 +105,27 @@ def build(config: ml_collections.ConfigDict, mesh=None):
   return model, tx, optim.learning_rate_schedule(config), abstract
 
 
+# Initialisation runs once, and XLA:CPU spends most of its compile time optimising the
+# random initialisers (a minute for the tiny synthetic nets): compile it without.
+_CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                              "xla_llvm_disable_expensive_passes": True}
+
+
+def _run_once(fn, *args, out_shardings=None):
+  """`jax.jit(fn)(*args)`, compiled without optimisation on CPU."""
+  lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
+  options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return lowered.compile(compiler_options=options)(*args)
+
+
 def initial_state(config: ml_collections.ConfigDict, model, tx, mesh) -> TrainState:
   """A fresh replicated state: random init from `config.seed`, then pretrained weights."""
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  variables = jax.jit(lambda rng: init_variables(model, config, rng))(
-      jax.random.key(config.seed))
-  variables = load_pretrained(jax.device_get(variables), config)
-  variables = sharding.replicate(variables, mesh)
   rep = sharding.replicated(mesh)
-  return jax.jit(lambda v: create_train_state(v, tx), out_shardings=rep)(variables)
+  rng = jax.random.key(config.seed)
+  if not config.model.pretrained:
+    return _run_once(lambda r: create_train_state(init_variables(model, config, r), tx),
+                     rng, out_shardings=rep)
+  variables = _run_once(lambda r: init_variables(model, config, r), rng)
+  variables = sharding.replicate(load_pretrained(jax.device_get(variables), config), mesh)
+  return _run_once(lambda v: create_train_state(v, tx), variables, out_shardings=rep)
