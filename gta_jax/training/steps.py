@@ -80,7 +80,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": lr * state.lr_scale,
     }
     new_state = state.replace(
