@@ -419,7 +419,7 @@ def main(argv: List[str]) -> None:
                      "[--config configs/X.py --config.a.b=value ...]")
   try:
     print("\n".join(inspect(argv[2], FLAGS.config)))
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, torch_pickle.UnsafePickleError) as e:
     raise SystemExit(f"error: {e}") from None
 
 
