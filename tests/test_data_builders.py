@@ -76,6 +76,14 @@ def check_labels(examples, class_names, grey_of_class):
   return out
 
 
+def prepare_and_check(d, class_names, num_examples, greys):
+  """Prepares, checks the classes and split sizes, and every example's label."""
+  meta = pipeline.prepare(d)
+  assert meta.class_names == class_names and meta.num_examples == num_examples
+  return {split: check_labels(read_split(d, split), class_names, greys)
+          for split in num_examples}
+
+
 def report_of(d):
   from gta_jax.data import builders
   with open(os.path.join(builders.prepared_dir(d), "prepare_report.json")) as f:
@@ -154,10 +162,7 @@ def test_video_folder_csv(tmp_path):
                                   "clips/4,cat\nclips/gone.mp4,dog\n")
   (root / "val.csv").write_text("clips/3.mp4,dog\nclips/1.mp4,bird\n")
   d = data_config(tmp_path, "video_folder", root)
-  meta = pipeline.prepare(d)
-  assert meta.class_names == ("cat", "dog") and meta.num_examples == {"train": 3, "val": 1}
-  check_labels(read_split(d, "train"), meta.class_names, greys)
-  check_labels(read_split(d, "val"), meta.class_names, greys)
+  prepare_and_check(d, ("cat", "dog"), {"train": 3, "val": 1}, greys)
   report = report_of(d)
   assert report["train"]["missing"] == 1 and "gone.mp4" in report["train"]["missing_items"][0][1]
   assert report["val"]["missing"] == 1 and "bird" in report["val"]["missing_items"][0][1]
@@ -181,11 +186,7 @@ def test_kinetics400_layout(tmp_path):
         write_video(folder / f"{yid}_{start:06d}_{end:06d}.mp4", greys[label], num_frames=3)
     (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
   d = data_config(tmp_path, "kinetics400", root)
-  meta = pipeline.prepare(d)
-  assert meta.class_names == ("abseiling", "air drumming")
-  assert meta.num_examples == {"train": 2, "validation": 2}
-  check_labels(read_split(d, "train"), meta.class_names, greys)
-  check_labels(read_split(d, "validation"), meta.class_names, greys)
+  prepare_and_check(d, ("abseiling", "air drumming"), {"train": 2, "validation": 2}, greys)
   assert report_of(d)["train"]["missing_items"] == [["ccc_000005_000015", "video not found"]]
 
 
@@ -207,12 +208,9 @@ def test_something_something_v2_layout(tmp_path):
       write_video(root / "videos" / f"{i}.webm", greys[t.replace("[", "").replace("]", "")],
                   num_frames=3)
   d = data_config(tmp_path, "something_something_v2", root)
-  meta = pipeline.prepare(d)
-  assert meta.class_names == ("Pushing something from right to left",
-                              "Pushing something from left to right")
-  assert meta.num_examples == {"train": 2, "validation": 1}
-  check_labels(read_split(d, "train"), meta.class_names, greys)
-  check_labels(read_split(d, "validation"), meta.class_names, greys)
+  prepare_and_check(d, ("Pushing something from right to left",
+                        "Pushing something from left to right"),
+                    {"train": 2, "validation": 1}, greys)
 
 
 def test_ucf101_layout(tmp_path):
@@ -230,11 +228,10 @@ def test_ucf101_layout(tmp_path):
                     ("HandstandPushups", "v_HandStandPushups_g01_c01")):
     write_video(root / "UCF-101" / cls / f"{name}.avi", greys[cls], num_frames=3)
   d = data_config(tmp_path, "ucf101", root, fold=2)
-  meta = pipeline.prepare(d)
-  assert meta.class_names == ("ApplyEyeMakeup", "HandstandPushups")
-  assert meta.num_examples == {"train": 2, "test": 1}
-  check_labels(read_split(d, "train"), meta.class_names, greys)
-  check_labels(read_split(d, "test"), meta.class_names, greys)
+  prepare_and_check(d, ("ApplyEyeMakeup", "HandstandPushups"), {"train": 2, "test": 1}, greys)
+  d.fold = 4
+  with pytest.raises(ValueError, match="fold must be 1, 2 or 3, got 4"):
+    pipeline.prepare(d)
 
 
 def test_hmdb51_layout(tmp_path):
@@ -249,11 +246,8 @@ def test_hmdb51_layout(tmp_path):
     for n in names:
       write_video(root / cls / f"{n}.avi", greys[cls], num_frames=3)
   d = data_config(tmp_path, "hmdb51", root)
-  meta = pipeline.prepare(d)
-  assert meta.class_names == ("brush_hair", "cartwheel")
-  assert meta.num_examples == {"train": 2, "test": 2}
-  ids = check_labels(read_split(d, "train"), meta.class_names, greys)
-  assert set(ids) == {"a1", "a2"}
+  ids = prepare_and_check(d, ("brush_hair", "cartwheel"), {"train": 2, "test": 2}, greys)
+  assert set(ids["train"]) == {"a1", "a2"} and set(ids["test"]) == {"b1", "b2"}
 
 
 def test_manual_dataset_without_manual_dir(tmp_path):

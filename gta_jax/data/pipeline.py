@@ -59,8 +59,7 @@ def read_meta(path: str) -> DatasetMeta:
                      path=path)
 
 
-def _how_to_prepare(config) -> str:
-  d = config.data
+def _how_to_prepare(d) -> str:
   return (f"Dataset {d.dataset!r} is not prepared under {d.data_dir!r} and "
           "config.data.manual_dir is not set. Put its official files in a folder (docs/data.md "
           "gives each layout), then either set --config.data.manual_dir=DIR, or run\n"
@@ -135,14 +134,9 @@ def prepare(data_config, *, num_workers: int | None = None) -> DatasetMeta:
 
   if not is_prepared(path):
     if builders.needs_manual_dir(data_config.dataset) and not data_config.manual_dir:
-      raise ValueError(_how_to_prepare(dict_config(data_config)))
+      raise ValueError(_how_to_prepare(data_config))
     _run_once(path, prepare_fn)
   return read_meta(path)
-
-
-def dict_config(data_config):
-  """A stand-in `config` with `.data` for messages written for the whole config."""
-  return type("Config", (), {"data": data_config})()
 
 
 def prepare_dataset(config) -> DatasetMeta:

@@ -37,7 +37,7 @@ def builder_params(data_config, *, num_workers: int = 0) -> tuple[type, dict]:
     params.update(data_config.synthetic.to_dict())
   else:
     params["manual_dir"] = data_config.manual_dir
-  if name in ("ucf101", "hmdb51"):
+  if getattr(cls, "HAS_FOLDS", False):
     params["fold"] = data_config.fold
   if name == "video_folder":
     params["folder_name"] = data_config.folder_name

@@ -55,13 +55,15 @@ def index_videos(root: str, key=lambda name: os.path.splitext(name)[0]) -> dict[
 class ManualBuilder(base.VideoBuilder, skip_registration=True):
   """Lists `(video key, label name)` per split from annotations, then finds the files."""
 
-  SPLITS: tuple[str, ...] = ()
+  HAS_FOLDS = False  # official splits 1-3 (UCF101, HMDB51), chosen by `fold`
 
-  def __init__(self, *, data_dir: str, manual_dir: str, fold: int | None = None, **kwargs):
+  def __init__(self, *, data_dir: str, manual_dir: str, fold: int = 1, **kwargs):
     self.root = os.path.expanduser(manual_dir) if manual_dir else ""
-    self.fold = fold
     self._listing = None
-    extra = {} if fold is None else {"fold": fold}
+    if self.HAS_FOLDS and fold not in (1, 2, 3):
+      raise ValueError(f"{self.name}: config.data.fold must be 1, 2 or 3, got {fold}.")
+    self.fold = fold if self.HAS_FOLDS else None
+    extra = {"fold": fold} if self.HAS_FOLDS else {}
     super().__init__(data_dir=data_dir, **extra, **kwargs)
 
   @classmethod
@@ -177,11 +179,7 @@ class SomethingSomethingV2(ManualBuilder, skip_registration=True):
 
 class Ucf101(ManualBuilder, skip_registration=True):
   name = "ucf101"
-
-  def __init__(self, *, fold: int = 1, **kwargs):
-    if fold not in (1, 2, 3):
-      raise ValueError(f"ucf101: config.data.fold must be 1, 2 or 3, got {fold}.")
-    super().__init__(fold=fold, **kwargs)
+  HAS_FOLDS = True
 
   def video_key(self, file_name: str) -> str:
     return os.path.splitext(file_name)[0].lower()
@@ -219,11 +217,7 @@ class Ucf101(ManualBuilder, skip_registration=True):
 
 class Hmdb51(ManualBuilder, skip_registration=True):
   name = "hmdb51"
-
-  def __init__(self, *, fold: int = 1, **kwargs):
-    if fold not in (1, 2, 3):
-      raise ValueError(f"hmdb51: config.data.fold must be 1, 2 or 3, got {fold}.")
-    super().__init__(fold=fold, **kwargs)
+  HAS_FOLDS = True
 
   def annotations(self):
     split_dir = os.path.dirname(find_file(
