@@ -123,14 +123,13 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
   scene = bg.copy()
   _draw(scene, d_shape, d_x, d_y, d_r, rng.uniform(0, 2 * math.pi), d_colour)
   noise = rng.uniform(2.0, 8.0)
-  out = np.empty((n, h, w, 3), np.uint8)
+  frames = np.repeat(scene[None], n, axis=0)
   for t in range(n):
-    fg = scene.copy()
-    _draw(fg, shape, xs[t], ys[t], r * scale[t], angle0 + spin * t, colour)
-    frame = alpha[t] * fg + (1.0 - alpha[t]) * scene
-    frame += rng.normal(0.0, noise, size=frame.shape)
-    out[t] = np.clip(frame, 0, 255).astype(np.uint8)
-  return out
+    _draw(frames[t], shape, xs[t], ys[t], r * scale[t], angle0 + spin * t, colour)
+  a = alpha.astype(np.float32)[:, None, None, None]
+  frames = a * frames + (1.0 - a) * scene
+  frames += np.float32(noise) * rng.standard_normal(frames.shape, dtype=np.float32)
+  return np.clip(frames, 0, 255).astype(np.uint8)
 
 
 def make_video(label: int, num_frames: int, height: int, width: int,
