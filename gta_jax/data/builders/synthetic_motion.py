@@ -60,7 +60,7 @@ def _draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: fl
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   """A smooth random texture around a random base colour."""
   base_colour = rng.uniform(40, 215, size=3)
-  grid = rng.normal(0, rng.uniform(8, 30), size=(int(rng.integers(2, 6)),
+  grid = rng.normal(0, rng.uniform(6, 20), size=(int(rng.integers(2, 6)),
                                                  int(rng.integers(2, 6)), 3))
   tex = cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
   return np.clip(base_colour + tex, 0, 255).astype(np.float32)
@@ -82,7 +82,7 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
   shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
   colour = _contrasting(rng, bg)
   short = min(h, w)
-  r = rng.uniform(0.10, 0.17) * short  # object radius
+  r = rng.uniform(0.13, 0.2) * short  # object radius
   angle0 = rng.uniform(0, 2 * math.pi)
   spin = rng.uniform(-0.2, 0.2)  # the object's own rotation per frame, either way
   u = np.linspace(0.0, 1.0, n)
@@ -92,7 +92,7 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
   alpha = np.ones(n)
   if pair in (0, 1):  # a translation right (pair 0) or down (pair 1)
     along, across = (w, h) if pair == 0 else (h, w)
-    dist = rng.uniform(0.35, 0.65) * along
+    dist = min(rng.uniform(0.45, 0.7) * along, along - 2 * r - 1)
     start = rng.uniform(r, along - r - dist)
     pos = start + dist * u
     drift = rng.uniform(-0.1, 0.1) * across
@@ -100,15 +100,16 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
     xs, ys = (pos, other) if pair == 0 else (other, pos)
   elif pair == 2:  # grow
     r = rng.uniform(0.06, 0.09) * short
-    scale = 1.0 + (rng.uniform(2.0, 3.0) - 1.0) * u
+    scale = 1.0 + (rng.uniform(2.2, 3.2) - 1.0) * u
     rmax = r * scale[-1]
     xs = np.full(n, rng.uniform(rmax, w - rmax))
     ys = np.full(n, rng.uniform(rmax, h - rmax))
   elif pair == 3:  # an orbit, clockwise on screen (y points down)
-    orbit = rng.uniform(0.2, 0.3) * short
+    orbit = rng.uniform(0.2, 0.26) * short
+    r = min(r, 0.24 * short)
     cx = rng.uniform(orbit + r, w - orbit - r)
     cy = rng.uniform(orbit + r, h - orbit - r)
-    theta = rng.uniform(0, 2 * math.pi) + rng.uniform(0.6, 1.2) * math.pi * u
+    theta = rng.uniform(0, 2 * math.pi) + rng.uniform(0.8, 1.4) * math.pi * u
     xs, ys = cx + orbit * np.cos(theta), cy + orbit * np.sin(theta)
   else:  # appear: fade in, starting and ending at random times
     xs = np.full(n, rng.uniform(r, w - r))
@@ -118,11 +119,11 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
   # A static distractor, present in every frame.
   d_shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
   d_colour = _contrasting(rng, bg)
-  d_r = rng.uniform(0.06, 0.1) * short
+  d_r = rng.uniform(0.05, 0.08) * short
   d_x, d_y = rng.uniform(d_r, w - d_r), rng.uniform(d_r, h - d_r)
   scene = bg.copy()
   _draw(scene, d_shape, d_x, d_y, d_r, rng.uniform(0, 2 * math.pi), d_colour)
-  noise = rng.uniform(2.0, 8.0)
+  noise = rng.uniform(2.0, 5.0)
   frames = np.repeat(scene[None], n, axis=0)
   for t in range(n):
     _draw(frames[t], shape, xs[t], ys[t], r * scale[t], angle0 + spin * t, colour)
