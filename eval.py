@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from gta_jax.evaluation import evaluate
 from gta_jax.training import sharding
+from gta_jax.training import writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -42,6 +43,7 @@ def main(argv):
       raise app.UsageError(f"--checkpoint_step must be a step, 'latest' or 'best', "
                            f"got {step!r}")
     step = int(step)
+  writers.quiet_library_logs()
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   summary = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, step, _SPLIT.value)

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from gta_jax.training import loop
 from gta_jax.training import sharding
+from gta_jax.training import writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -32,6 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  writers.quiet_library_logs()
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   logging.info("config:\n%s", _CONFIG.value)

@@ -9,12 +9,14 @@ TensorBoard events go to `WORKDIR/tensorboard` (tensorboardX: no TensorFlow), as
 """
 
 import json
+import logging as py_logging
 import os
 import sys
 from typing import Any, Dict
 
 import jax
 import tqdm
+from absl import logging as absl_logging
 
 
 class MetricWriter:
@@ -50,3 +52,19 @@ def progress_bar(total: int, initial: int) -> tqdm.tqdm:
   """A tqdm bar (steps/s, ETA) on process 0 when stderr is a terminal."""
   return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0 or not sys.stderr.isatty())
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+  """Drops the INFO chatter of orbax, grain and tfds (warnings still pass)."""
+
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}",
+           f"{os.sep}tensorflow_datasets{os.sep}")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno > py_logging.INFO or not any(
+        part in record.pathname for part in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the CLIs' INFO logs to the project's own messages."""
+  absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
