@@ -1,0 +1,305 @@
+"""Tests of the backbones and the baselines' temporal modules (TSN, TSM, Non-local)."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gta_jax import config_lib
+from gta_jax.models import baselines
+from gta_jax.models import build_model
+from gta_jax.models import hooks
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(config, shape):
+  model = build_model(config)
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))["params"]
+
+
+def perturb(variables, seed=1, std=0.5):
+  """Random non-zero values for every parameter, so zero-initialised residual modules
+  (Non-local's BN scale) are active."""
+  leaves, treedef = jax.tree.flatten(variables["params"])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return {**variables, "params": jax.tree.unflatten(treedef, leaves)}
+
+
+def tiny(temporal_modules="", **model_overrides):
+  config = config_lib.synthetic_config(temporal_modules)
+  config.data.num_frames = 4
+  for key, value in model_overrides.items():
+    config.model[key] = value
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def clip(batch=2, frames=4, size=32, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, frames, size, size, 3))
+
+
+def init_apply(config, x, seed=0):
+  """Returns the model, its variables and a jitted `apply(variables, x)` (eval mode)."""
+  model = build_model(config)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
+  return model, variables, jax.jit(functools.partial(model.apply, train=False))
+
+
+# -- parameter counts ------------------------------------------------------------
+
+
+def test_resnet50_matches_torchvision_parameter_count():
+  config = config_lib.ssv2_config(8)
+  params = abstract_params(config, (1, 8, 224, 224, 3))
+  body = {k: v for k, v in params.items() if k != "head"}
+  # torchvision.models.resnet50(): 25,557,032 parameters, of which fc is 2048*1000+1000.
+  assert count_params(body) == 25_557_032 - (2048 * 1000 + 1000)
+  assert count_params(params) == 23_508_032 + 2048 * 174 + 174
+
+
+def test_resnet18_matches_torchvision_parameter_count():
+  config = config_lib.ssv2_config(8)
+  config.model.depth = 18
+  params = abstract_params(config, (1, 8, 224, 224, 3))
+  # torchvision.models.resnet18(): 11,689,512 parameters with a 512*1000+1000 fc.
+  assert count_params({k: v for k, v in params.items() if k != "head"}) == (
+      11_689_512 - (512 * 1000 + 1000))
+
+
+def test_tsm_adds_no_parameters():
+  tsn = abstract_params(config_lib.ssv2_config(8), (1, 8, 64, 64, 3))
+  tsm = abstract_params(config_lib.ssv2_config(8, "tsm"), (1, 8, 64, 64, 3))
+  assert count_params(tsm) == count_params(tsn)
+
+
+def test_i3d_inflates_only_the_configured_stages():
+  config = config_lib.k400_3d_config(8, 8)
+  params = abstract_params(config, (1, 8, 64, 64, 3))
+  assert params["res4_block0"]["conv1"]["conv"]["kernel"].shape == (3, 1, 1, 512, 256)
+  assert params["res5_block2"]["conv1"]["conv"]["kernel"].shape == (3, 1, 1, 2048, 512)
+  assert params["res3_block0"]["conv1"]["conv"]["kernel"].shape == (1, 1, 256, 128)
+  inflated = sum(int(np.prod(params[f"res{s}_block{b}"]["conv1"]["conv"]["kernel"].shape))
+                 for s, n in ((4, 6), (5, 3)) for b in range(n))
+  flat = count_params(abstract_params(config_lib.k400_config(8), (1, 8, 64, 64, 3)))
+  assert count_params(params) == flat + 2 * inflated // 3
+
+
+# -- order (in)sensitivity ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("modules,kind", [("", None), ("nl", "3d"), ("nl", "2d"),
+                                          ("nl", "1d"), ("nl", "2d+1d")])
+def test_order_blind_models_cannot_tell_a_clip_from_its_reverse(modules, kind):
+  config = tiny(modules)
+  if kind:
+    config.model.nl.kind = kind
+  x = clip()
+  _, variables, apply = init_apply(config, x)
+  variables = perturb(variables)
+  forward = apply(variables, x)
+  backward = apply(variables, x[:, ::-1])
+  np.testing.assert_allclose(forward, backward, rtol=1e-4, atol=1e-5)
+  # The perturbed model is not constant: another clip gives other logits.
+  other = apply(variables, clip(seed=1))
+  assert np.abs(np.asarray(forward - other)).max() > 1e-3
+
+
+def test_tsm_sees_frame_order():
+  config = tiny("tsm")
+  x = clip()
+  _, variables, apply = init_apply(config, x)
+  forward = apply(variables, x)
+  backward = apply(variables, x[:, ::-1])
+  assert np.abs(np.asarray(forward - backward)).max() > 1e-4
+
+
+def test_temporal_shift_matches_numpy():
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 3, 3, 16)))
+  fold = 16 // 8
+  expected = np.zeros_like(x)
+  for t in range(5):
+    if t + 1 < 5:
+      expected[:, t, ..., :fold] = x[:, t + 1, ..., :fold]
+    if t - 1 >= 0:
+      expected[:, t, ..., fold:2 * fold] = x[:, t - 1, ..., fold:2 * fold]
+    expected[:, t, ..., 2 * fold:] = x[:, t, ..., 2 * fold:]
+  np.testing.assert_array_equal(baselines.temporal_shift(jnp.asarray(x)), expected)
+
+
+# -- Non-local -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["3d", "2d", "1d"])
+@pytest.mark.parametrize("train", [False, True])
+def test_zero_initialised_nonlocal_is_identity(kind, train):
+  x = jax.random.normal(jax.random.key(0), (2, 4, 5, 6, 16))
+  module = baselines.NonLocal(kind)
+  variables = module.init(jax.random.key(1), x)
+  y, _ = module.apply(variables, x, train=train, mutable=["batch_stats"])
+  np.testing.assert_array_equal(y, x)
+
+
+def nonlocal_reference(params, stats, x, kind, scaled):
+  """Embedded-Gaussian Non-local, written with numpy from the paper's equation."""
+  x = np.asarray(x, np.float64)
+  b, t, h, w, c = x.shape
+  proj = lambda p, v: v @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  theta, phi, g = (proj(params[n], x) for n in ("theta", "phi", "g"))
+  ci = theta.shape[-1]
+  if kind == "3d":
+    groups = lambda v: v.reshape(b, t * h * w, ci)
+  elif kind == "2d":
+    groups = lambda v: v.reshape(b * t, h * w, ci)
+  else:
+    groups = lambda v: np.moveaxis(v, 1, 3).reshape(b * h * w, t, ci)
+  q, k, v = groups(theta), groups(phi), groups(g)
+  logits = np.einsum("nid,njd->nij", q, k) / (np.sqrt(ci) if scaled else 1.0)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  y = np.einsum("nij,njd->nid", weights, v)
+  if kind == "1d":
+    y = np.moveaxis(y.reshape(b, h, w, t, ci), 3, 1)
+  y = proj(params["out"], y.reshape(b, t, h, w, ci))
+  bn = params["bn"]
+  y = (y - np.asarray(stats["bn"]["mean"])) / np.sqrt(np.asarray(stats["bn"]["var"]) + 1e-5)
+  return x + y * np.asarray(bn["scale"]) + np.asarray(bn["bias"])
+
+
+@pytest.mark.parametrize("kind", ["3d", "2d", "1d"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_nonlocal_matches_numpy_reference(kind, scaled):
+  x = 0.5 * jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 8))
+  module = baselines.NonLocal(kind, scaled=scaled)
+  variables = perturb(module.init(jax.random.key(1), x), std=0.3)
+  variables["batch_stats"] = jax.tree.map(
+      lambda v: v + 0.5 * jax.random.uniform(jax.random.key(2), v.shape),
+      variables["batch_stats"])
+  y = module.apply(variables, x, train=False)
+  expected = nonlocal_reference(variables["params"], variables["batch_stats"], x, kind,
+                                scaled)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- shapes, dtypes, gradients -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_fn", [
+    lambda: tiny(""), lambda: tiny("tsm"), lambda: tiny("nl"),
+    lambda: tiny("", depth=18, stage_sizes="1,1,1,1"),
+])
+def test_tiny_models_train_forward_and_backward(config_fn):
+  config = config_fn()
+  x = clip()
+  model, variables, _ = init_apply(config, x)
+  labels = jnp.array([1, 3])
+
+  def loss_fn(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+  assert np.isfinite(loss)
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def test_3d_model_gives_finite_logits_of_the_right_shape():
+  config = config_lib.k400_3d_config(8, 8)
+  config.model.stage_sizes = "1,1,2,1"
+  config.model.width = 8
+  x = clip(batch=1, frames=8, size=64)
+  _, variables, apply = init_apply(config, x)
+  logits = apply(variables, x)
+  assert logits.shape == (1, 400) and np.all(np.isfinite(logits))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  config = tiny("tsm", dtype="bfloat16")
+  x = clip()
+  _, variables, apply = init_apply(config, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  logits = apply(variables, x)
+  assert logits.dtype == jnp.float32
+  _, _, reference_apply = init_apply(tiny("tsm"), x)
+  reference = reference_apply(variables, x)
+  np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.05)
+
+
+def test_conv_padding_matches_torchvision_output_sizes():
+  # torchvision ResNet at 224: 112 after the stem conv, 56 after max-pool, then 28/14/7.
+  config = config_lib.ssv2_config(1)
+  model = build_model(config)
+  x = jnp.zeros((1, 1, 224, 224, 3))
+  _, state = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), x, train=False, capture_intermediates=True))
+  inter = flax.traverse_util.flatten_dict(state["intermediates"], sep="/")
+  shape = lambda name: inter[f"{name}/__call__"][0].shape
+  assert shape("stem_conv") == (1, 1, 112, 112, 64)
+  assert shape("res2_block0") == (1, 1, 56, 56, 256)
+  assert shape("res5_block2") == (1, 1, 7, 7, 2048)
+
+
+# -- configuration errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("temporal_modules", "tsm,bogus", "temporal_modules"),
+    ("depth", 42, "config.model.depth"),
+    ("arch", "vit", "config.model.arch"),
+    ("dtype", "float16", "config.model.dtype"),
+    ("stage_sizes", "1,2", "config.model.stage_sizes"),
+])
+def test_bad_model_keys_are_named(key, value, message):
+  config = tiny()
+  config.model[key] = value
+  with pytest.raises(ValueError, match=message):
+    build_model(config)
+
+
+@pytest.mark.parametrize("placement,message", [
+    ("res3:0,7", "res3 has blocks 0..0"),
+    ("res9:0", "res9:0"),
+    ("res3:x", "not an integer"),
+])
+def test_bad_placements_are_named(placement, message):
+  config = tiny("nl")
+  config.model.nl.placement = placement
+  with pytest.raises(ValueError, match=message):
+    build_model(config)
+
+
+def test_placement_strings():
+  sizes = (3, 4, 6, 3)
+  assert hooks.parse_placement("res3:0,2;res4:0,2,4", sizes) == {
+      (1, 0), (1, 2), (2, 0), (2, 2), (2, 4)}
+  assert len(hooks.parse_placement("all", sizes)) == 16
+  assert hooks.parse_placement("res5:all", sizes) == {(3, 0), (3, 1), (3, 2)}
+  assert hooks.parse_placement("", sizes) == frozenset()
+
+
+def test_two_modules_on_one_hook_point_are_refused():
+  config = tiny("nl")
+  config.model.temporal_modules = "nl,nl"
+  with pytest.raises(ValueError, match="already has a 'post' module"):
+    build_model(config)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((2, 5, 32, 32, 3), "built for clips of 4 frames"),
+    ((2, 4, 32, 32), r"\(B, T, H, W, 3\)"),
+    ((2, 4, 32, 32, 1), r"\(B, T, H, W, 3\)"),
+])
+def test_clips_the_model_cannot_take_are_refused(shape, message):
+  config = tiny()
+  model, variables, _ = init_apply(config, clip())
+  with pytest.raises(ValueError, match=message):
+    model.apply(variables, jnp.zeros(shape), train=False)
