@@ -49,8 +49,10 @@ class Checkpointer:
         policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                        keep_checkpoints_without_metrics=False),
     ])
+    # orbax writes a checkpoint's metrics only when `best_fn` is set.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, read_only=read_only, create=not read_only)
+        preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC],
+        read_only=read_only, create=not read_only)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for name, handler, save, restore in (
         ("state", ocp.StandardCheckpointHandler(), ocp.args.StandardSave,
