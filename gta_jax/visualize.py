@@ -1,0 +1,258 @@
+r"""Pictures of a training run: curves, learned temporal attention, sampled clips.
+
+  python -m gta_jax.visualize --workdir DIR --out DIR [--checkpoint_step latest|best|N]
+
+writes `OUT/training_curves.png` (loss, accuracy and learning rate from
+`DIR/metrics.jsonl`) and, for a model with GTA layers, one
+`OUT/attention_<layer>.png` per layer: the learned global temporal attention
+`softmax(G_h)` of every head `h` as a T x T heatmap (row `t`: how much frame `t`
+takes from each frame `t'`). The checkpoint is read without the config: only its
+parameters are needed.
+
+The figure functions return `matplotlib.figure.Figure`s built without pyplot, so
+that they display inline in a notebook (`display(fig)`) and save anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+
+CURVES_FILE = "training_curves.png"
+
+
+# Training curves --------------------------------------------------------------------------
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+  """The rows of a `metrics.jsonl`, by step; a resumed run's repeated rows count once.
+
+  A row repeated for the same `(kind, split, step)` (logged again after a resume)
+  keeps its last value. An unreadable line (a run killed while writing) is skipped.
+  """
+  rows = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and "step" in row and "kind" in row:
+        rows[(row["kind"], row.get("split", ""), row["step"])] = row
+  return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))
+
+
+def series(rows: Sequence[Dict[str, Any]], kind: str, name: str,
+           split: str | None = None) -> Tuple[np.ndarray, np.ndarray]:
+  """`(steps, values)` of metric `name` in the rows of `kind` (and `split`, if given)."""
+  picked = [(r["step"], r[name]) for r in rows
+            if r["kind"] == kind and name in r and (split is None or r.get("split") == split)]
+  steps, values = zip(*picked) if picked else ((), ())
+  return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+
+def training_curves_figure(rows: Sequence[Dict[str, Any]], title: str = ""):
+  """Loss, accuracy (train, and top-1/top-5 of each validated split) and learning rate."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(13, 3.6), layout="constrained")
+  ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+  splits = sorted({r.get("split", "") for r in rows if r["kind"] == "eval"})
+  style = lambda steps: "o-" if len(steps) < 3 else "-"  # lone points stay visible
+  for ax, name, label in ((ax_loss, "loss", "train loss"), (ax_acc, "accuracy", "train")):
+    steps, values = series(rows, "train", name)
+    ax.plot(steps, values, style(steps), label=label, alpha=0.8)
+  for split in splits:
+    steps, values = series(rows, "eval", "loss", split)
+    ax_loss.plot(steps, values, style(steps), label=f"{split} loss")
+    for name, line in (("top1", "o-"), ("top5", "o--")):
+      steps, values = series(rows, "eval", name, split)
+      ax_acc.plot(steps, values, line, label=f"{split} {name.replace('top', 'top-')}")
+  steps, values = series(rows, "train", "lr")
+  ax_lr.plot(steps, values, style(steps))
+  for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_lr, "learning rate")):
+    ax.set_xlabel("step")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  ax_acc.set_ylim(0, 1)
+  ax_loss.legend(fontsize=8)
+  ax_acc.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+# Attention --------------------------------------------------------------------------------
+
+
+def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
+                        ) -> Tuple[Dict[str, np.ndarray], int]:
+  """The learned global temporal attention of a checkpoint's GTA layers.
+
+  Args:
+    workdir: a training run's directory.
+    step: a step number, 'latest' or 'best' (highest validation top-1).
+
+  Returns:
+    `({layer path: (heads, T, T) rows summing to 1}, step)`; an empty dict for a
+    model without GTA layers.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or not that step) in `workdir`.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import gta  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  directory = checkpoint.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    chosen = {"latest": ckpt.latest_step, "best": ckpt.best_step}.get(step, lambda: step)()
+    if chosen is None or chosen not in steps:
+      raise FileNotFoundError(f"no checkpoint {'' if chosen is None else chosen} in "
+                              f"{directory} (saved steps: {sorted(steps)})")
+    restored = ckpt.manager.restore(
+        chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    ckpt.close()
+  maps = gta.global_attention_maps({"params": restored["state"]["params"]})
+  return {name: np.asarray(m) for name, m in maps.items()}, int(chosen)
+
+
+def attention_figure(layer: str, maps: np.ndarray, title: str = ""):
+  """One layer's `(heads, T, T)` attention, a heatmap per head on a shared colour scale.
+
+  The scale spans the layer's own range, so that the structure of a nearly uniform
+  attention (`1/T` everywhere, as at init) stays visible; the colour bar gives it.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  heads, t, _ = maps.shape
+  cols = min(heads, 4)
+  rows = math.ceil(heads / cols)
+  fig = Figure(figsize=(2.6 * cols + 1, 2.5 * rows + 0.6), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+  vmin, vmax = float(maps.min()), float(maps.max())
+  image = None
+  for h, ax in enumerate(axes):
+    if h >= heads:
+      ax.axis("off")
+      continue
+    image = ax.imshow(maps[h], cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_title(f"head {h}", fontsize=9)
+    ticks = range(0, t, max(1, t // 4))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    if h % cols == 0:
+      ax.set_ylabel("frame t")
+    if h >= heads - cols:
+      ax.set_xlabel("attends to frame t'")
+  fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight (uniform = 1/T = "
+               f"{1 / t:.3f})")
+  fig.suptitle(title or layer, fontsize=10)
+  return fig
+
+
+def attention_filename(layer: str) -> str:
+  """`res3_block0/post/pixel_temporal` -> `attention_res3_block0_post_pixel_temporal.png`."""
+  return "attention_" + layer.replace("/", "_") + ".png"
+
+
+# Clips ------------------------------------------------------------------------------------
+
+
+def clip_figure(video: np.ndarray, title: str = ""):
+  """The frames of one clip, uint8 `(T, H, W, 3)`, side by side."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  t = len(video)
+  fig = Figure(figsize=(1.6 * t, 2.0), layout="constrained")
+  for i, ax in enumerate(np.atleast_1d(fig.subplots(1, t))):
+    ax.imshow(video[i])
+    ax.set_title(f"t={i}", fontsize=8)
+    ax.axis("off")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return fig
+
+
+# All of a run -----------------------------------------------------------------------------
+
+
+def save_run_figures(workdir: str, out: str, step: Union[int, str] = "latest",
+                     log=print) -> List[str]:
+  """Writes the training curves and the attention heatmaps of a run; returns the paths.
+
+  What a run does not have (no `metrics.jsonl`, no checkpoint, no GTA layer) is
+  reported through `log` and skipped.
+  """
+  os.makedirs(out, exist_ok=True)
+  written = []
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+  if rows:
+    path = os.path.join(out, CURVES_FILE)
+    training_curves_figure(rows, os.path.basename(os.path.abspath(workdir))).savefig(
+        path, dpi=100)
+    written.append(path)
+  else:
+    log(f"no training curves: {metrics_path} is missing or empty")
+  try:
+    maps, chosen = load_attention_maps(workdir, step)
+  except FileNotFoundError as e:
+    log(f"no attention maps: {e}")
+    return written
+  if not maps:
+    log(f"no attention maps: checkpoint {chosen} has no GTA layer")
+  for layer, m in maps.items():
+    path = os.path.join(out, attention_filename(layer))
+    attention_figure(layer, m, f"{layer}, step {chosen}").savefig(path, dpi=100)
+    written.append(path)
+  return written
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if not f["verbosity"].present:  # orbax's restore logs, unless asked for
+    logging.set_verbosity(logging.ERROR)
+  step = f.checkpoint_step
+  if step not in ("latest", "best"):
+    if not step.isdigit():
+      raise app.UsageError(f"--checkpoint_step must be a step, 'latest' or 'best', "
+                           f"got {step!r}")
+    step = int(step)
+  if not os.path.isdir(f.workdir):
+    print(f"error: --workdir {f.workdir} is not a folder", file=sys.stderr)
+    return 1
+  note = lambda msg: print(msg, file=sys.stderr)
+  written = save_run_figures(f.workdir, f.out, step, log=note)
+  for path in written:
+    print(path)
+  if not written:
+    note(f"error: nothing to draw in {f.workdir}")
+    return 1
+  return 0
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  flags.DEFINE_string("out", None, "Where the PNG files go.")
+  flags.DEFINE_string("checkpoint_step", "latest",
+                      "Checkpoint for the attention maps: a step, 'latest' or 'best'.")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+if __name__ == "__main__":
+  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  _app.run(main)
