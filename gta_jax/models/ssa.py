@@ -17,7 +17,7 @@ Every softmax goes through :func:`gta_jax.models.attention.attend`
 (`jax.nn.dot_product_attention`: f32 logits and softmax under bf16). With `remat`
 the parameter-free attention cores are recomputed in the backward pass, so the
 HW x HW scores (3136 x 3136 per frame where the module sees a 56x56 map) are never
-kept for it.
+kept for it, and `spatial_chunk` computes them a few frames at a time.
 
 The paper has no scaling, residual or output projection; the switches in
 :func:`default_config` add them for ablations. Without `temporal_conv` (1x1x1) the
@@ -38,6 +38,9 @@ from gta_jax.models import hooks
 from gta_jax.models import resnet
 
 SCALES = ("none", "sqrt_d")
+# Frames per step of the spatial attention in the configs: 8 frames of a 56x56
+# map are 8 x 3136^2 float32 scores, 315 MB, per buffer.
+SPATIAL_CHUNK = 8
 
 
 def _scale(scale: str):
@@ -50,11 +53,32 @@ def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Eq. 6 on `(N, HW, C)` frames: `softmax(q k^T) v [+ v softmax(q^T k)^T]`."""
   out = attention.attend(q, k, v, scale=_scale(scale))
   if channel_branch:
-    # Channels as tokens, positions as features: (N, C, HW).
-    to_channels = lambda a: jnp.swapaxes(a, 1, 2)
+    # Channels as tokens, positions as features: (N, C, HW). In float32: XLA:CPU
+    # has no bf16 x bf16 -> f32 dot for this transposed layout, and the C x C
+    # branch is cheap next to the HW x HW one.
+    to_channels = lambda a: jnp.swapaxes(a, 1, 2).astype(jnp.float32)
     out = out + to_channels(attention.attend(
-        to_channels(q), to_channels(k), to_channels(v), scale=_scale(scale)))
+        to_channels(q), to_channels(k), to_channels(v), scale=_scale(scale))
+    ).astype(out.dtype)
   return out
+
+
+def map_in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
+  """`fn(*arrays)` computed `chunk` items of the leading axis at a time (`lax.map`).
+
+  The leading axis is zero-padded to a multiple of `chunk` (zero rows attend
+  uniformly, never NaN) and the padding is cut from the result. `chunk` 0, or at
+  least the axis length, calls `fn` once.
+  """
+  n = arrays[0].shape[0]
+  if not chunk or chunk >= n:
+    return fn(*arrays)
+  pad = -n % chunk
+  arrays = tuple(
+      jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
+      for a in arrays)
+  out = jax.lax.map(lambda args: fn(*args), arrays)
+  return out.reshape(-1, *out.shape[2:])[:n]
 
 
 def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -79,6 +103,9 @@ class SeparableSelfAttention(nn.Module):
       `y` back to C channels.
     remat: recompute the attention cores in the backward pass instead of storing
       their scores and softmax.
+    spatial_chunk: frames per step of the spatial attention (`lax.map` over
+      chunks of the B*T frames), so that only that many HW x HW score matrices
+      exist at once, in the forward and in the backward pass; 0: all frames.
     dtype: compute dtype; parameters are float32.
   """
   channel_branch: bool = True
@@ -88,6 +115,7 @@ class SeparableSelfAttention(nn.Module):
   residual: bool = False
   reduction: int = 1
   remat: bool = True
+  spatial_chunk: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -107,7 +135,8 @@ class SeparableSelfAttention(nn.Module):
       spatial, temporal = jax.checkpoint(spatial), jax.checkpoint(temporal)
 
     frames = lambda a: a.reshape(b * t, h * w, a.shape[-1])
-    x_hat = spatial(frames(q), frames(k), frames(v)).reshape(b, t, h, w, inner)
+    x_hat = map_in_chunks(spatial, self.spatial_chunk, frames(q), frames(k), frames(v))
+    x_hat = x_hat.reshape(b, t, h, w, inner)
 
     kt = 3 if self.temporal_conv else 1
     num_out = 2 if self.shared_value else 3
@@ -136,7 +165,8 @@ def default_config() -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
-      temporal_conv=True, scale="none", residual=False, reduction=1, remat=True))
+      temporal_conv=True, scale="none", residual=False, reduction=1, remat=True,
+      spatial_chunk=SPATIAL_CHUNK))
 
 
 def build(cfg: ml_collections.ConfigDict, dtype: Any):
@@ -147,6 +177,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if not isinstance(cfg.reduction, int) or cfg.reduction < 1:
     raise ValueError(f"config.model.ssa.reduction must be a positive int, "
                      f"got {cfg.reduction!r}")
+  if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
+    raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
+                     f"got {cfg.spatial_chunk!r}")
   for key in ("channel_branch", "shared_value", "temporal_conv", "residual", "remat"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.ssa.{key} must be True or False, "
@@ -155,7 +188,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       SeparableSelfAttention, channel_branch=cfg.channel_branch,
       shared_value=cfg.shared_value, temporal_conv=cfg.temporal_conv,
       scale=cfg.scale, residual=cfg.residual, reduction=cfg.reduction,
-      remat=cfg.remat, dtype=dtype)
+      remat=cfg.remat, spatial_chunk=cfg.spatial_chunk, dtype=dtype)
 
 
 SSA_SPEC = hooks.TemporalModuleSpec(

@@ -1,0 +1,219 @@
+"""SSA (SSAN's Separable Self-Attention): the module against an einsum re-derivation
+of Eqs. 6-8 for every switch, frame-order sensitivity, and R50 forward/backward."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gta_jax import config_lib
+from gta_jax.models import build_model
+from gta_jax.models import ssa
+
+SHAPE = (2, 4, 6, 6, 8)  # (B, T, H, W, C)
+
+
+def _softmax(logits):
+  logits = logits - logits.max(axis=-1, keepdims=True)
+  e = np.exp(logits)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _dense(p, x):
+  return x @ p["kernel"] + p["bias"]
+
+
+def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
+                  temporal_conv=True, scale="none", residual=False, reduction=1,
+                  spatial_chunk=0):
+  """SSA written out from the paper's equations in float64 numpy (eval mode)."""
+  del spatial_chunk  # how the module schedules its work, not what it computes
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+  b, t, h, w, c = x.shape
+  d = c // reduction
+  q, k, v = (_dense(p[n], x) for n in ("query", "key", "value"))
+  qf, kf, vf = (a.reshape(b, t, h * w, d) for a in (q, k, v))
+
+  # Eq. 6: position branch (HW x HW) + channel branch (C x C), per frame.
+  s_pos = 1.0 if scale == "none" else d ** -0.5
+  m_s = _softmax(np.einsum("btpc,btqc->btpq", qf, kf) * s_pos)
+  x_hat = np.einsum("btpq,btqc->btpc", m_s, vf)
+  if channel_branch:
+    s_ch = 1.0 if scale == "none" else (h * w) ** -0.5
+    m_c = _softmax(np.einsum("btpi,btpj->btij", qf, kf) * s_ch)
+    x_hat = x_hat + np.einsum("btpj,btij->btpi", vf, m_c)
+  x_hat = x_hat.reshape(b, t, h, w, d)
+
+  # Eq. 7: a (kt x 1 x 1) conv on x_hat, zero padded in time, gives q^, k^ (, v^).
+  kernel = p["temporal_conv"]["kernel"][:, 0, 0]  # (kt, d, n * d)
+  kt = kernel.shape[0]
+  assert kt == (3 if temporal_conv else 1)
+  padded = np.pad(x_hat, [(0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)])
+  qkv_hat = p["temporal_conv"]["bias"] + sum(
+      np.einsum("bthwc,cd->bthwd", padded[:, i:i + t], kernel[i]) for i in range(kt))
+  q_hat, k_hat = qkv_hat[..., :d], qkv_hat[..., d:2 * d]
+  value = v if shared_value else qkv_hat[..., 2 * d:]
+  s_t = 1.0 if scale == "none" else (h * w * d) ** -0.5
+  m_t = _softmax(np.einsum("bthwc,bshwc->bts", q_hat, k_hat) * s_t)
+  # Eq. 8: the temporal weights mix the (shared) value embedding.
+  y = np.einsum("bts,bshwc->bthwc", m_t, value)
+  if reduction > 1:
+    y = _dense(p["out"], y)
+  if residual:
+    y = x + y / np.sqrt(1.0 + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+  return y
+
+
+SWITCHES = [
+    {},
+    {"channel_branch": False},
+    {"shared_value": False},
+    {"temporal_conv": False},
+    {"scale": "sqrt_d"},
+    {"residual": True},
+    {"reduction": 2},
+    {"spatial_chunk": 3},  # 8 frames in chunks of 3: the padded path
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(
+    f"{k}={v}" for k, v in s.items()) or "paper")
+def test_matches_einsum_reference(switches):
+  x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
+  module = ssa.SeparableSelfAttention(**switches)
+  variables = jax.jit(module.init)(jax.random.key(1), x)
+  params = variables["params"]
+  if switches.get("residual"):
+    # The zero-initialised BN scale would hide the branch: give it values.
+    params["bn"]["scale"] = jax.random.normal(jax.random.key(2), (SHAPE[-1],))
+    params["bn"]["bias"] = jax.random.normal(jax.random.key(3), (SHAPE[-1],))
+  out = jax.jit(module.apply)({**variables, "params": params}, x)
+  assert out.shape == x.shape
+  np.testing.assert_allclose(out, reference_ssa(params, x, **switches),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_matches_reference():
+  """The rematerialised, chunked backward pass gives the reference's gradients."""
+  x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
+  module = ssa.SeparableSelfAttention(scale="sqrt_d", spatial_chunk=3)
+  params = jax.jit(module.init)(jax.random.key(1), x)["params"]
+  target = jax.random.normal(jax.random.key(2), SHAPE)
+
+  def reference_jnp(p):
+    # Eqs. 6-8 (paper switches, sqrt_d scaling) transcribed in jnp for autodiff.
+    b, t, h, w, c = SHAPE
+    q, k, v = (x @ p[n]["kernel"] + p[n]["bias"] for n in ("query", "key", "value"))
+    qf, kf, vf = (a.reshape(b, t, h * w, c) for a in (q, k, v))
+    m_s = jax.nn.softmax(jnp.einsum("btpc,btqc->btpq", qf, kf) / np.sqrt(c))
+    m_c = jax.nn.softmax(jnp.einsum("btpi,btpj->btij", qf, kf) / np.sqrt(h * w))
+    x_hat = (jnp.einsum("btpq,btqc->btpc", m_s, vf)
+             + jnp.einsum("btpj,btij->btpi", vf, m_c)).reshape(b, t, h, w, c)
+    kernel = p["temporal_conv"]["kernel"][:, 0, 0]
+    padded = jnp.pad(x_hat, [(0, 0), (1, 1), (0, 0), (0, 0), (0, 0)])
+    qk = p["temporal_conv"]["bias"] + sum(
+        jnp.einsum("bthwc,cd->bthwd", padded[:, i:i + t], kernel[i]) for i in range(3))
+    m_t = jax.nn.softmax(jnp.einsum("bthwc,bshwc->bts", qk[..., :c], qk[..., c:])
+                         / np.sqrt(h * w * c))
+    return jnp.einsum("bts,bshwc->bthwc", m_t, v)
+
+  loss = lambda out: jnp.sum((out - target) ** 2)
+  grads = jax.jit(jax.grad(lambda p: loss(module.apply({"params": p}, x))))(params)
+  expected = jax.grad(lambda p: loss(reference_jnp(p)))(params)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads),
+                          jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_residual_is_identity_at_init():
+  x = jax.random.normal(jax.random.key(0), SHAPE)
+  module = ssa.SeparableSelfAttention(residual=True)
+  variables = jax.jit(module.init)(jax.random.key(1), x)
+  np.testing.assert_array_equal(jax.jit(module.apply)(variables, x), x)
+
+
+def test_one_by_one_temporal_conv_is_blind_to_frame_order():
+  """With a 1x1x1 conv every step is per frame or permutation-equivariant over T,
+  so reversing the clip reverses the output: TSN's consensus then cannot tell."""
+  x = jax.random.normal(jax.random.key(0), SHAPE)
+  for temporal_conv in (False, True):
+    module = ssa.SeparableSelfAttention(temporal_conv=temporal_conv)
+    variables = jax.jit(module.init)(jax.random.key(1), x)
+    apply = jax.jit(module.apply)
+    gap = float(jnp.max(jnp.abs(apply(variables, x[:, ::-1])[:, ::-1]
+                                - apply(variables, x))))
+    assert (gap > 1e-2) if temporal_conv else (gap < 1e-5), (temporal_conv, gap)
+
+
+def test_bad_config_names_the_key():
+  config = config_lib.synthetic_config("ssa")
+  config.model.ssa.scale = "sqrt"
+  with pytest.raises(ValueError, match="config.model.ssa.scale"):
+    build_model(config)
+  config.model.ssa.scale = "none"
+  config.model.ssa.reduction = 0
+  with pytest.raises(ValueError, match="config.model.ssa.reduction"):
+    build_model(config)
+  config.model.ssa.reduction = 1
+  config.model.ssa.spatial_chunk = -1
+  with pytest.raises(ValueError, match="config.model.ssa.spatial_chunk"):
+    build_model(config)
+
+
+@pytest.mark.parametrize("num_frames", [8, 16])
+def test_r50_forward_backward_and_frame_order(num_frames):
+  """SSA-R50 at the paper's places runs forward and backward (on 64px frames) and
+  tells a clip from its reverse."""
+  config = config_lib.ssv2_config(num_frames, "ssa")
+  config.model.dropout_rate = 0.0
+  model = build_model(config)
+  clip = jax.random.normal(jax.random.key(0), (1, num_frames, 64, 64, 3))
+  # A clip and its reverse in one batch: the training-mode batch statistics see the
+  # same frames either way, so a model blind to frame order gives equal logits.
+  clips = jnp.concatenate([clip, clip[:, ::-1]])
+
+  # The five modules sit inside res3 blocks 0, 2 and res4 blocks 0, 2, 4, with
+  # 3 (C^2 + C) q/k/v and 3 C 2C + 2C temporal-conv parameters at width C.
+  shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                          jax.random.key(1), clips)["params"]
+  placed = {name: sum(a.size for a in jax.tree.leaves(block["inner"]))
+            for name, block in shapes.items() if "inner" in block}
+  expected = {f"res{s}_block{i}": 3 * (c * c + c) + 6 * c * c + 2 * c
+              for s, c, blocks in ((3, 128, (0, 2)), (4, 256, (0, 2, 4)))
+              for i in blocks}
+  assert placed == expected
+
+  @jax.jit
+  def init_and_grad(key, clips):  # one compilation for both
+    variables = model.init(key, clips, train=False)
+
+    def loss(p):
+      logits, _ = model.apply({**variables, "params": p}, clips, train=True,
+                              mutable=["batch_stats"])
+      return jax.nn.log_softmax(logits)[:, 0].sum(), logits
+
+    return jax.grad(loss, has_aux=True)(variables["params"])
+
+  grads, logits = init_and_grad(jax.random.key(1), clips)
+  assert logits.shape == (2, 174)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["res3_block0"]["inner"]["query"]["kernel"]).max()) > 0
+  gap = float(jnp.max(jnp.abs(logits[0] - logits[1])))
+  assert gap > 1e-3 * float(jnp.max(jnp.abs(logits)))
+
+
+def test_bfloat16_compute_follows_float32():
+  """bf16 compute (f32 params, f32 logits and softmax inside `attend`) stays close
+  to the f32 module."""
+  x = jax.random.normal(jax.random.key(0), SHAPE)
+  variables = jax.jit(ssa.SeparableSelfAttention(scale="sqrt_d").init)(
+      jax.random.key(1), x)
+  outs = {dtype: jax.jit(ssa.SeparableSelfAttention(scale="sqrt_d", dtype=dtype).apply)(
+      variables, x) for dtype in (jnp.float32, jnp.bfloat16)}
+  assert outs[jnp.bfloat16].dtype == jnp.bfloat16
+  error = jnp.abs(outs[jnp.bfloat16].astype(jnp.float32) - outs[jnp.float32])
+  assert float(error.max()) < 0.05 * float(jnp.abs(outs[jnp.float32]).max())
