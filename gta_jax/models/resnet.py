@@ -36,6 +36,30 @@ HOOK_POSITIONS = ("pre", "inner", "post")
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv_or_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                   **kwargs) -> jax.Array:
+  """`lax.conv_general_dilated`, with 1x1 kernels as a strided slice and a matmul.
+
+  Same maths, same parameters; XLA:CPU runs the gradients of a 1x1 convolution
+  about 2x slower than those of the equivalent matmul (benchmarks/README.md).
+  Other kernels, and layouts other than channels-last, go to the convolution.
+  """
+  unit = lambda v: v is None or all(i == 1 for i in v)
+  dims = kwargs.get("dimension_numbers")
+  channels_last = (dims is not None and dims.lhs_spec[1] == lhs.ndim - 1
+                   and dims.out_spec[1] == lhs.ndim - 1)
+  pointwise = (channels_last and unit(rhs.shape[:-2]) and not isinstance(padding, str)
+               and all(tuple(p) == (0, 0) for p in padding)
+               and kwargs.get("feature_group_count", 1) == 1
+               and unit(kwargs.get("lhs_dilation")) and unit(kwargs.get("rhs_dilation")))
+  if not pointwise:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+  lhs = lhs[(slice(None),) + tuple(slice(None, None, s) for s in window_strides)]
+  return jax.lax.dot_general(lhs, rhs.reshape(rhs.shape[-2:]),
+                             (((lhs.ndim - 1,), (0,)), ((), ())),
+                             precision=kwargs.get("precision"))
+
+
 class VideoConv(nn.Module):
   """A bias-free convolution on `(B, T, H, W, C)` with torchvision padding.
 
@@ -62,7 +86,8 @@ class VideoConv(nn.Module):
     padding = tuple((k // 2, k // 2) for k in kernel)
     return nn.Conv(self.features, kernel, strides, padding=padding, use_bias=False,
                    dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=conv_kernel_init, name="conv")(x)
+                   kernel_init=conv_kernel_init, conv_general_dilated=conv_or_matmul,
+                   name="conv")(x)
 
 
 def batch_norm(train: bool, dtype: Any, **kwargs) -> ModuleDef:
