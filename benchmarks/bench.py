@@ -11,15 +11,10 @@ medians. Alongside: forward FLOPs per clip from XLA's cost analysis, the float32
 of the train step against that rate, and the compiled train step's peak memory.
 
 The last line printed is one JSON object (see `REPORT_KEYS`); `peer_torch.py`
-parses it. XLA flags: `gta_jax.runtime` adds the project's CPU defaults to
-`XLA_FLAGS` unless `GTA_JAX_XLA_DEFAULTS=0`; flags already in `XLA_FLAGS` win.
+parses it. XLA flags come from `XLA_FLAGS` as usual (none of those tried helped on
+CPU: see README.md) and are echoed in the report.
 """
 
-from gta_jax import runtime
-
-runtime.configure_xla()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import os
 import statistics
