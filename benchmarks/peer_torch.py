@@ -1,4 +1,4 @@
-r"""The PyTorch peer: the same TSN/TSM ResNet-50 step in PyTorch eager, alternated with JAX.
+r"""The PyTorch peer: the same TSN/TSM/SSA ResNet-50 step in PyTorch eager, alternated with JAX.
 
 Runs in a separate environment with PyTorch (the project itself never imports it):
 
@@ -14,7 +14,8 @@ a line per round and, last, a JSON line with the medians and the ratio
 `jax_vs_torch_train` = PyTorch step time / JAX step time (above 1: JAX is faster).
 
 The PyTorch side is torchvision's ResNet-50 (TSN: frames folded into the batch,
-logits averaged over time; TSM: the residual shift before every block's conv1),
+logits averaged over time; TSM: the residual shift before every block's conv1;
+SSA: our PyTorch SSA, below, before conv2 of layer2 blocks 0, 2, layer3 0, 2, 4),
 channels_last, SGD with momentum and weight decay, dropout 0.5 before the
 classifier, denormals flushed, bf16 through `torch.autocast` (oneDNN).
 """
@@ -33,7 +34,10 @@ import torch
 from torch import nn
 import torchvision
 
-JAX_CONFIGS = {"tsn": "configs/ssv2_tsn_r50_8f.py", "tsm": "configs/ssv2_tsm_r50_8f.py"}
+JAX_CONFIGS = {"tsn": "configs/ssv2_tsn_r50_8f.py", "tsm": "configs/ssv2_tsm_r50_8f.py",
+               "ssa": "configs/ssv2_ssa_r50_8f.py"}
+# SSA's places (torchvision names): layer2 blocks 0, 2; layer3 blocks 0, 2, 4.
+SSA_PLACEMENT = {"layer2": (0, 2), "layer3": (0, 2, 4)}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +59,39 @@ class TemporalShift(nn.Module):
     return out.view(bt, c, h, w)
 
 
+class SeparableSelfAttention(nn.Module):
+  """SSA (Guo et al., CVPR 2021) on (B*T, C, H, W), as DESIGN.md describes it.
+
+  Written here from the paper's equations (the public SSAN port is not vendored):
+  1x1 q, k, v; per frame `softmax(q k^T) v + v softmax(q^T k)^T`; a 3x1x1 conv of
+  that gives `q_hat, k_hat`; `softmax(q_hat k_hat^T)` over frames (flattened to
+  H*W*C) applied to the same `v`. Unscaled logits, as in the paper and the JAX
+  default. The softmaxes use PyTorch's fused `scaled_dot_product_attention`.
+  """
+
+  def __init__(self, channels: int, num_frames: int):
+    super().__init__()
+    self.num_frames = num_frames
+    self.query, self.key, self.value = (
+        nn.Conv2d(channels, channels, 1).to(memory_format=torch.channels_last)
+        for _ in range(3))
+    self.temporal = nn.Conv3d(channels, 2 * channels, (3, 1, 1), padding=(1, 0, 0))
+
+  def forward(self, x):
+    bt, c, h, w = x.shape
+    b, t = bt // self.num_frames, self.num_frames
+    attend = lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                       scale=1.0)
+    q, k, v = (f(x).flatten(2).transpose(1, 2) for f in (self.query, self.key,
+                                                          self.value))  # (BT, HW, C)
+    x_hat = attend(q, k, v) + attend(q.mT, k.mT, v.mT).mT
+    qk_hat = self.temporal(x_hat.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3))
+    clips = lambda a: a.permute(0, 2, 3, 4, 1).reshape(b, t, h * w * c)
+    q_hat, k_hat = qk_hat.chunk(2, dim=1)
+    y = attend(clips(q_hat), clips(k_hat), v.reshape(b, t, h * w * c))
+    return y.reshape(bt, h, w, c).permute(0, 3, 1, 2)  # channels_last strides
+
+
 def build_model(name: str, num_frames: int, num_classes: int) -> nn.Module:
   model = torchvision.models.resnet50(num_classes=num_classes)
   model.fc = nn.Sequential(nn.Dropout(0.5), model.fc)
@@ -62,7 +99,14 @@ def build_model(name: str, num_frames: int, num_classes: int) -> nn.Module:
     for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
       for block in layer:
         block.conv1 = nn.Sequential(TemporalShift(num_frames), block.conv1)
-  return model.to(memory_format=torch.channels_last)
+  model = model.to(memory_format=torch.channels_last)
+  if name == "ssa":  # after conv1+bn1+relu: in front of conv2
+    for layer_name, blocks in SSA_PLACEMENT.items():
+      for i in blocks:
+        block = getattr(model, layer_name)[i]
+        block.conv2 = nn.Sequential(
+            SeparableSelfAttention(block.conv1.out_channels, num_frames), block.conv2)
+  return model
 
 
 def make_input(batch, frames, crop, num_classes):
