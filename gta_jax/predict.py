@@ -150,8 +150,6 @@ def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from gta_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.configure_xla()
   if not flags.FLAGS["verbosity"].present:  # orbax's restore logs, unless asked for
     logging.set_verbosity(logging.ERROR)
   videos = argv[1:]
