@@ -126,6 +126,7 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.temporal_modules = temporal_modules
   c.model.nl.placement = "res3:0;res4:0"
   c.model.ssa.placement = "res3:0;res4:0"
+  c.model.gta.placement = "res3:0;res4:0"
   c.optim.base_lr = 0.1
   c.optim.lr_batch_size = 16
   c.optim.weight_decay = 1e-4

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gta_jax.models import baselines
+from gta_jax.models import gta
 from gta_jax.models import hooks
 from gta_jax.models import resnet
 from gta_jax.models import ssa
@@ -29,6 +30,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEMPORAL_MODULES: Dict[str, hooks.TemporalModuleSpec] = {
     "tsm": baselines.TSM_SPEC,
     "nl": baselines.NONLOCAL_SPEC,
+    "gta": gta.GTA_SPEC,
     "ssa": ssa.SSA_SPEC,
 }
 
