@@ -6,11 +6,6 @@ averaged) of the latest checkpoint (or `--checkpoint_step N`, or `best`) on
 per-video predictions and a confusion matrix (CSV and PNG).
 """
 
-from gta_jax import runtime
-
-runtime.configure_xla()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 
 from absl import app

@@ -6,11 +6,6 @@ detects (TPU pods, SLURM and Open MPI are), pass `--coordinator_address host:por
 --num_processes N --process_id I` to every process.
 """
 
-from gta_jax import runtime
-
-runtime.configure_xla()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
