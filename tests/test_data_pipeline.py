@@ -89,17 +89,22 @@ def test_resume_from_state_is_exact(data_dir):
   assert_same_batches(take(resumed, 6), expected)
 
 
-def test_two_processes_read_disjoint_shards(data_dir):
+def test_two_processes_split_the_one_process_batches(data_dir):
   c = tiny_config(data_dir)
-  seen = []
-  for p in range(2):
-    loader = pipeline.make_train_loader(c, seed=0, process_index=p, process_count=2,
-                                        with_index=True)
-    batches = take(iter(loader), 15)  # batch 2 per process; two epochs of 15
-    assert batches[0]["video"].shape[0] == 2
-    seen.append(set(np.concatenate([b["video_index"] for b in batches]).tolist()))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(30))
+  single = take(iter(pipeline.make_train_loader(c, seed=0, process_index=0,
+                                                process_count=1, with_index=True)), 14)
+  halves = [take(iter(pipeline.make_train_loader(c, seed=0, process_index=p,
+                                                 process_count=2, with_index=True)), 14)
+            for p in range(2)]
+  assert halves[0][0]["video"].shape[0] == 2
+  for i, whole in enumerate(single):
+    for key in whole:
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][i][key], halves[1][i][key]]), whole[key])
+  # The first epoch (30 videos, 7 global batches of 4) reads every video at most once,
+  # and the two processes' shares of it are disjoint.
+  seen = [np.concatenate([b["video_index"] for b in h[:7]]).tolist() for h in halves]
+  assert len(set(seen[0] + seen[1])) == 28 and not set(seen[0]) & set(seen[1])
 
 
 def test_batch_must_divide_by_processes(data_dir):

@@ -386,11 +386,13 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   """An infinite iterable of training batches for this process.
 
   `iter(loader)` is a `BatchIterator` with `get_state()`/`set_state()` for an exact
-  resume (grain's orbax checkpoint handler saves and restores it). Process `p` of `P` reads its own contiguous `n // P` videos (disjoint
-  shards; the last `n % P` are never read), shuffled by `(seed, epoch)` epoch after epoch.
-  Each clip's randomness (frames, crop, flip) comes from `seed` and its position in the
-  stream, and batches are made before the worker split, so the stream is the same for any
-  `config.data.num_workers`.
+  resume (grain's orbax checkpoint handler saves and restores it). All processes walk one
+  global stream of the videos, shuffled by `(seed, epoch)` epoch after epoch, cut into
+  global batches of `config.batch_size`; process `p` of `P` takes rows
+  `[p * B_local, (p + 1) * B_local)` of each. Each clip's randomness (frames, crop, flip)
+  comes from `seed` and its position in the global stream, and batches are made before the
+  worker split, so the global batches are the same for any process count and any
+  `config.data.num_workers`: a run's loss curve does not depend on how it is spread.
 
   Yields `dict(video=uint8 (B_local, T, S, S, 3), label=int32 (B_local,))`, with
   `B_local = config.batch_size // process_count`, remainders dropped; `with_index` adds
@@ -401,14 +403,15 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   source = open_source(config, d.train_split)
   if with_index:
     source = IndexedSource(source)
-  per = len(source) // process_count
-  if per < 1:
+  if len(source) < config.batch_size:
     raise ValueError(f"The {d.train_split!r} split has {len(source)} videos, fewer than "
-                     f"the {process_count} processes.")
-  ds = grain.MapDataset.source(source)[process_index * per:(process_index + 1) * per]
+                     f"config.batch_size={config.batch_size}.")
+  ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=int(seed)).repeat(None)  # each epoch reshuffled by seed + epoch
   ds = ds.random_map(TrainTransform(d, with_index), seed=int(seed))
-  return TrainLoader(ds.batch(batch, drop_remainder=True), d)
+  # Local batches in global order: global batch g is local batches g*P .. g*P + P-1.
+  ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
+  return TrainLoader(ds, d)
 
 
 class EvalLoader:
