@@ -129,8 +129,8 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.nl.placement = "res3:0;res4:0"
   c.model.ssa.placement = "res3:0;res4:0"
   c.model.gta.placement = "res3:0;res4:0"
-  # AdamW: on this data SGD at lr 0.1 per 16 clips diverged in warm-up (see
-  # docs/training.md, "Results on the embedded synthetic data").
+  # AdamW: on this data SGD at lr 0.1 per 16 clips diverged in warm-up (train loss
+  # 2.38 -> 3.33 by step 30).
   c.optim.name = "adamw"
   c.optim.base_lr = 0.002
   c.optim.lr_batch_size = 16
