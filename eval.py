@@ -12,35 +12,25 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from gta_jax import cli
 from gta_jax.evaluation import evaluate
-from gta_jax.training import sharding
 from gta_jax.training import writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_STEP = flags.DEFINE_string("checkpoint_step", "latest",
-                            "A step number, 'latest' or 'best' (val top-1).")
+cli.define_checkpoint_step_flag()
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (config.eval.split).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
-                                   "host:port of process 0, for jax.distributed.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  step = _STEP.value
-  if step not in ("latest", "best"):
-    if not step.isdigit():
-      raise app.UsageError(f"--checkpoint_step must be a step, 'latest' or 'best', "
-                           f"got {step!r}")
-    step = int(step)
+  step = cli.checkpoint_step()
   writers.quiet_library_logs()
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+  cli.initialize_distributed()
   summary = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, step, _SPLIT.value)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:

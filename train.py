@@ -11,17 +11,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from gta_jax import cli
 from gta_jax.training import loop
-from gta_jax.training import sharding
 from gta_jax.training import writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
-                                   "host:port of process 0, for jax.distributed.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,8 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   writers.quiet_library_logs()
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+  cli.initialize_distributed()
   logging.info("config:\n%s", _CONFIG.value)
   summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   import jax  # pylint: disable=g-import-not-at-top

@@ -28,6 +28,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from gta_jax import cli
 from gta_jax.data import builders
 from gta_jax.data import pipeline
 from gta_jax.data import video_io
@@ -158,12 +159,7 @@ def main(argv):
   f = flags.FLAGS
   if f.top_k < 1:
     raise app.UsageError(f"--top_k must be >= 1, got {f.top_k}")
-  step = f.checkpoint_step
-  if step not in ("latest", "best"):
-    if not step.isdigit():
-      raise app.UsageError(f"--checkpoint_step must be a step, 'latest' or 'best', "
-                           f"got {step!r}")
-    step = int(step)
+  step = cli.checkpoint_step()
   return run(f.config, f.workdir, videos, k=f.top_k, as_json=f.json, step=step)
 
 
@@ -175,7 +171,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_integer("top_k", 5, "How many classes to print per video.")
   flags.DEFINE_bool("json", False, "Print one JSON document instead of text.")
-  flags.DEFINE_string("checkpoint_step", "latest", "A step number, 'latest' or 'best'.")
+  cli.define_checkpoint_step_flag()
   flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
+from gta_jax import cli
+
 CURVES_FILE = "training_curves.png"
 
 
@@ -224,12 +226,7 @@ def main(argv):
   f = flags.FLAGS
   if not f["verbosity"].present:  # orbax's restore logs, unless asked for
     logging.set_verbosity(logging.ERROR)
-  step = f.checkpoint_step
-  if step not in ("latest", "best"):
-    if not step.isdigit():
-      raise app.UsageError(f"--checkpoint_step must be a step, 'latest' or 'best', "
-                           f"got {step!r}")
-    step = int(step)
+  step = cli.checkpoint_step()
   if not os.path.isdir(f.workdir):
     print(f"error: --workdir {f.workdir} is not a folder", file=sys.stderr)
     return 1
@@ -247,8 +244,7 @@ def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_string("out", None, "Where the PNG files go.")
-  flags.DEFINE_string("checkpoint_step", "latest",
-                      "Checkpoint for the attention maps: a step, 'latest' or 'best'.")
+  cli.define_checkpoint_step_flag()
   flags.mark_flags_as_required(["workdir", "out"])
 
 
