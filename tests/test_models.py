@@ -299,7 +299,8 @@ def test_two_modules_on_one_hook_point_are_refused():
     ((2, 4, 32, 32, 1), r"\(B, T, H, W, 3\)"),
 ])
 def test_clips_the_model_cannot_take_are_refused(shape, message):
-  config = tiny()
-  model, variables, _ = init_apply(config, clip())
+  model = build_model(tiny())
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.key(0), clip())
   with pytest.raises(ValueError, match=message):
     model.apply(variables, jnp.zeros(shape), train=False)
