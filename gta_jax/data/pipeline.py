@@ -77,6 +77,31 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _held_by_dead_process(lock: str) -> bool:
+  """Whether `lock` names a process of this host that no longer runs."""
+  try:
+    host, pid = open(lock).read().split()
+    return host == socket.gethostname() and not _pid_alive(int(pid))
+  except (OSError, ValueError):
+    return False  # the lock is being written or was just removed
+
+
+def _remove_stale_lock(lock: str) -> None:
+  """Removes `lock` if its process is dead, checking again under a second lock so that
+  two processes that both saw it stale cannot remove a new preparer's lock."""
+  breaker = lock + ".break"
+  try:
+    os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    return  # another process is removing it
+  try:
+    if _held_by_dead_process(lock):
+      log.warning("Removing the stale lock %s of a dead process.", lock)
+      os.remove(lock)
+  finally:
+    os.remove(breaker)
+
+
 def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
   """Runs `prepare_fn` unless `path` is prepared, in one process at a time.
 
@@ -93,14 +118,9 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
     try:
       fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-      try:
-        host, pid = open(lock).read().split()
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
-          log.warning("Removing the stale lock %s of dead process %s.", lock, pid)
-          os.remove(lock)
-          continue
-      except (OSError, ValueError):
-        pass  # the lock is being written or was just removed: look again
+      if _held_by_dead_process(lock):
+        _remove_stale_lock(lock)
+        continue
       if waited - last_log >= 60:
         log.info("Waiting for another process to prepare %s (lock %s, %.0f s).", path, lock,
                  waited)
