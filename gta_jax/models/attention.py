@@ -9,7 +9,6 @@ materialised by our own code.
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -19,21 +18,15 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
   Args:
     query: `(N, Lq, D)`.
     key: `(N, Lk, D)`.
-    value: `(N, Lk, Dv)`. `Dv` may differ from `D`.
+    value: `(N, Lk, D)`.
     scale: multiplier of the logits; `None` means `1/sqrt(D)`, `1.0` gives the
       unscaled dot product of the original embedded-Gaussian formulation.
 
   Returns:
-    `(N, Lq, Dv)`, `softmax(scale * q k^T) v` in the dtype of `value`.
+    `(N, Lq, D)`, `softmax(scale * q k^T) v` in the dtype of `value`.
   """
   if scale is None:
     scale = 1.0 / float(query.shape[-1]) ** 0.5
-  if value.shape[-1] != key.shape[-1]:
-    # jax.nn.dot_product_attention needs one head size: fall back to einsum.
-    logits = jnp.einsum("nqd,nkd->nqk", query, key,
-                        preferred_element_type=jnp.float32) * scale
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum("nqk,nkd->nqd", weights, value)
   out = jax.nn.dot_product_attention(
       query[:, :, None, :], key[:, :, None, :], value[:, :, None, :], scale=scale)
   return out[:, :, 0, :]
