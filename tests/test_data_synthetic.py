@@ -39,6 +39,25 @@ def test_motions_go_the_named_way():
     assert m[-1].sum() > m[0].sum()  # growing
 
 
+def bar_orientation(frame):
+  """The axis of the pixels far from the frame's median colour, in radians mod pi,
+  measured from +x towards +y (down the screen: clockwise)."""
+  far = np.abs(frame.astype(int) - np.median(frame.reshape(-1, 3), axis=0)).sum(-1) > 100
+  ys, xs = np.nonzero(far)
+  xs, ys = xs - xs.mean(), ys - ys.mean()
+  return 0.5 * np.arctan2(2 * (xs * ys).mean(), (xs**2).mean() - (ys**2).mean())
+
+
+def test_bar_turns_clockwise():
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    video = sm.render_video(3, 16, 40, 48, rng)
+    angles = np.array([bar_orientation(f) for f in video])
+    steps = (np.diff(angles) + np.pi / 2) % np.pi - np.pi / 2  # the bar is symmetric
+    assert np.all(steps > -0.05), steps
+    assert 0.4 * np.pi < steps.sum() < 0.9 * np.pi  # it turns by 0.5-0.8 pi
+
+
 def test_prepared_dataset_is_deterministic_and_labelled(tmp_path):
   kwargs = dict(train_per_class=2, val_per_class=1, num_frames=8, height=40, width=48, seed=1)
   sources = []

@@ -48,7 +48,8 @@ def prepared_dir(data_config) -> str:
   """Where `data_config`'s dataset is (or will be) prepared; constructs no builder."""
   cls, params = builder_params(data_config)
   from gta_jax.data.builders import base  # pylint: disable=g-import-not-at-top
-  return base.prepared_dir(data_config.data_dir, cls.name, cls.config_name_for(**params))
+  return base.prepared_dir(data_config.data_dir, cls.name, cls.config_name_for(**params),
+                           str(cls.VERSION))
 
 
 def make_builder(data_config, *, num_workers: int = 0):

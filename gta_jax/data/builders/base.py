@@ -27,7 +27,6 @@ import tensorflow_datasets as tfds
 
 from gta_jax.data import video_io
 
-VERSION = "1.0.0"
 REPORT_FILE = "prepare_report.json"
 VIDEO_EXTENSIONS = video_io.VIDEO_EXTENSIONS
 
@@ -62,7 +61,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   the synthetic dataset does). Missing files found while listing go to `self.skipped`.
   """
 
-  VERSION = tfds.core.Version(VERSION)
+  VERSION = tfds.core.Version("1.0.0")  # a subclass bumps its own when its output changes
   # No checksums or metadata files next to the code; tfds' lookup of them would need
   # `importlib_resources` for an editable install.
   code_path = None
@@ -133,7 +132,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @property
   def prepared_dir(self) -> str:
-    return prepared_dir(self.root_dir, self.name, self.config_name())
+    return prepared_dir(self.root_dir, self.name, self.config_name(), str(self.VERSION))
 
   def write_report(self) -> dict:
     """Writes and returns the summary of what was left out, per split."""
@@ -152,8 +151,8 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return report
 
 
-def prepared_dir(data_dir: str, name: str, config_name: str) -> str:
-  return os.path.join(os.path.expanduser(data_dir), name, config_name, VERSION)
+def prepared_dir(data_dir: str, name: str, config_name: str, version: str) -> str:
+  return os.path.join(os.path.expanduser(data_dir), name, config_name, version)
 
 
 def _parallel_map(fn, items: Sequence, workers: int) -> Iterator:

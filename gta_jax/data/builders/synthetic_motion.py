@@ -5,9 +5,8 @@ Ten classes in five pairs, each class the time-reverse of its partner:
   moving_right / moving_left, moving_down / moving_up, growing / shrinking,
   rotating_clockwise / rotating_anticlockwise, appearing / vanishing.
 
-Every video draws a random scene (textured background, object shape, colours, size,
-start position, speed, a static distractor, pixel noise) and a random motion of the pair's
-first class; a video of the second class is the same kind of draw played backwards. So the
+Every video draws a random scene (textured background, object shape, colour, size,
+start position, speed, pixel noise) and a random motion of the pair's first class; a video of the second class is the same kind of draw played backwards. So the
 frames of the two classes of a pair have the same distribution, and a model blind to frame
 order (TSN) is at chance within each pair, while a temporal model can solve every pair.
 
@@ -20,6 +19,7 @@ import math
 
 import cv2
 import numpy as np
+import tensorflow_datasets as tfds
 
 from gta_jax.data import transforms
 from gta_jax.data.builders import base
@@ -31,6 +31,7 @@ CLASS_NAMES = tuple(name for pair in PAIRS for name in pair)
 SPLITS = ("train", "val")
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel drawing
 _SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+_BAR_HALF_ANGLE = 0.17  # the bar's corners seen from its centre: about 1:6 wide
 
 
 def _draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: float,
@@ -49,6 +50,10 @@ def _draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: fl
   elif shape == "diamond":
     k = np.arange(4) * math.pi / 2
     rr = np.array([r, 0.6 * r, r, 0.6 * r])
+  elif shape == "bar":  # a long thin rectangle through the centre
+    k = np.array([-_BAR_HALF_ANGLE, _BAR_HALF_ANGLE, math.pi - _BAR_HALF_ANGLE,
+                  math.pi + _BAR_HALF_ANGLE])
+    rr = np.full(4, r)
   else:  # cross
     k = np.repeat(np.arange(4) * math.pi / 2, 3) + np.tile([-0.35, 0.0, 0.35], 4)
     rr = np.tile([0.45 * r, r, 0.45 * r], 4)
@@ -84,12 +89,12 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
   short = min(h, w)
   r = rng.uniform(0.13, 0.2) * short  # object radius
   angle0 = rng.uniform(0, 2 * math.pi)
-  spin = rng.uniform(-0.2, 0.2)  # the object's own rotation per frame, either way
   u = np.linspace(0.0, 1.0, n)
   # Ease the motion a little, randomly (speed profile), the same way for both directions.
   u = u ** rng.uniform(0.8, 1.25)
   scale = np.ones(n)
   alpha = np.ones(n)
+  turn = np.zeros(n)
   if pair in (0, 1):  # a translation right (pair 0) or down (pair 1)
     along, across = (w, h) if pair == 0 else (h, w)
     dist = min(rng.uniform(0.45, 0.7) * along, along - 2 * r - 1)
@@ -99,36 +104,28 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
     other = rng.uniform(r + abs(drift), across - r - abs(drift)) + drift * (u - 0.5)
     xs, ys = (pos, other) if pair == 0 else (other, pos)
   elif pair == 2:  # grow
-    r = rng.uniform(0.06, 0.09) * short
-    scale = 1.0 + (rng.uniform(2.2, 3.2) - 1.0) * u
+    r = rng.uniform(0.08, 0.11) * short
+    scale = 1.0 + (rng.uniform(2.0, 2.8) - 1.0) * u
     rmax = r * scale[-1]
     xs = np.full(n, rng.uniform(rmax, w - rmax))
     ys = np.full(n, rng.uniform(rmax, h - rmax))
-  elif pair == 3:  # an orbit, clockwise on screen (y points down)
-    orbit = rng.uniform(0.2, 0.26) * short
-    r = min(r, 0.24 * short)
-    cx = rng.uniform(orbit + r, w - orbit - r)
-    cy = rng.uniform(orbit + r, h - orbit - r)
-    theta = rng.uniform(0, 2 * math.pi) + rng.uniform(0.8, 1.4) * math.pi * u
-    xs, ys = cx + orbit * np.cos(theta), cy + orbit * np.sin(theta)
+  elif pair == 3:  # a bar turning clockwise on screen (y points down) about its centre
+    shape = "bar"
+    r = rng.uniform(0.3, 0.4) * short  # half its length
+    xs = np.full(n, rng.uniform(r, w - r))
+    ys = np.full(n, rng.uniform(r, h - r))
+    turn = rng.uniform(0.5, 0.8) * math.pi * u  # < pi: a bar looks the same turned by pi
   else:  # appear: fade in, starting and ending at random times
     xs = np.full(n, rng.uniform(r, w - r))
     ys = np.full(n, rng.uniform(r, h - r))
     a, b = sorted(rng.uniform(0.0, 1.0, size=2) * np.array([0.4, 0.4]) + [0.0, 0.6])
     alpha = np.clip((u - a) / max(b - a, 1e-3), 0.0, 1.0)
-  # A static distractor, present in every frame.
-  d_shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
-  d_colour = _contrasting(rng, bg)
-  d_r = rng.uniform(0.05, 0.08) * short
-  d_x, d_y = rng.uniform(d_r, w - d_r), rng.uniform(d_r, h - d_r)
-  scene = bg.copy()
-  _draw(scene, d_shape, d_x, d_y, d_r, rng.uniform(0, 2 * math.pi), d_colour)
   noise = rng.uniform(2.0, 5.0)
-  frames = np.repeat(scene[None], n, axis=0)
+  frames = np.repeat(bg[None], n, axis=0)
   for t in range(n):
-    _draw(frames[t], shape, xs[t], ys[t], r * scale[t], angle0 + spin * t, colour)
+    _draw(frames[t], shape, xs[t], ys[t], r * scale[t], angle0 + turn[t], colour)
   a = alpha.astype(np.float32)[:, None, None, None]
-  frames = a * frames + (1.0 - a) * scene
+  frames = a * frames + (1.0 - a) * bg
   frames += np.float32(noise) * rng.standard_normal(frames.shape, dtype=np.float32)
   return np.clip(frames, 0, 255).astype(np.uint8)
 
@@ -145,6 +142,12 @@ class SyntheticMotion(base.VideoBuilder, skip_registration=True):
   rendered at `height x width`)."""
 
   name = "synthetic_motion"
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Orbit for pair 3, object spin and a static distractor as nuisances.",
+      "2.0.0": "A bar turning about its centre for pair 3; no spin, no distractor; larger "
+               "growing objects.",
+  }
 
   def __init__(self, *, data_dir: str, train_per_class: int = 120, val_per_class: int = 25,
                num_frames: int = 24, height: int = 40, width: int = 48, seed: int = 0,
