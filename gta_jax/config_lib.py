@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 5e-4
   c.optim.grad_clip_norm = 20.0  # 0 disables
   c.optim.fc_lr_mult = 5.0
+  c.optim.global_logits_lr_mult = 1.0  # GTA's global attention logits G
   c.optim.label_smoothing = 0.0
   return c
 

@@ -240,10 +240,26 @@ def test_global_attention_maps():
   assert not gta.global_attention_maps(random_variables(instance, x))
 
 
+@pytest.mark.parametrize("std", [0.0, 1.5])
+def test_global_init_std_sets_the_spread_of_g(std):
+  """`config.model.gta.global_init_std` is the std of every G's normal init (0: uniform
+  attention at init)."""
+  model = registry.build_model(tiny_config("gta", global_init_std=std))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 32, 32, 3)))
+  flat = flax.traverse_util.flatten_dict(variables["params"])
+  g = np.concatenate([np.ravel(v) for k, v in flat.items() if k[-1] == "global_logits"])
+  assert g.size == 4 * 4 * 4 * 4  # 2 stages x 2 branches x (4 heads, 4, 4)
+  if std == 0:
+    np.testing.assert_array_equal(g, 0)
+  else:
+    assert 0.8 * std < g.std() < 1.2 * std, g.std()
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("temporal_attention", "local", "config.model.gta.temporal_attention"),
     ("granularity", "frame", "config.model.gta.granularity"),
     ("num_regions", 0, "config.model.gta.num_regions"),
+    ("global_init_std", -0.1, "config.model.gta.global_init_std"),
 ])
 def test_bad_config_is_refused(key, value, match):
   with pytest.raises(ValueError, match=match):

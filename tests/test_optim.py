@@ -67,6 +67,8 @@ def toy_params():
                   "bias": rng.normal(size=3).astype(np.float32)},
       "head": {"fc": {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
                       "bias": rng.normal(size=2).astype(np.float32)}},
+      "res3_block0": {"post": {"pixel_temporal": {
+          "global_logits": rng.normal(size=(2, 4, 4)).astype(np.float32)}}},
   }
 
 
@@ -84,11 +86,16 @@ def is_fc(path):
   return path[0].key == "head"
 
 
+def is_global_logits(path):
+  return path[-1].key == "global_logits"
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_matches_pytorch_semantics(nesterov):
-  """Clip, then decay on kernels only, momentum, lr, fc x mult (torch.optim.SGD)."""
+  """Clip, then decay on kernels only, momentum, lr, fc and G x mult (torch.optim.SGD)."""
   c = make_config(schedule="cosine", warmup_steps=0, name="sgd", momentum=0.9,
-                  nesterov=nesterov, weight_decay=0.01, grad_clip_norm=2.0, fc_lr_mult=5.0)
+                  nesterov=nesterov, weight_decay=0.01, grad_clip_norm=2.0, fc_lr_mult=5.0,
+                  global_logits_lr_mult=3.0)
   params = toy_params()
   tx = optim.make_optimizer(c, params)
   opt_state = tx.init(params)
@@ -109,7 +116,8 @@ def test_sgd_matches_pytorch_semantics(nesterov):
       gr = gr * clip + (0.01 * w if is_kernel(path) else 0)
       b[...] = 0.9 * b + gr
       d = gr + 0.9 * b if nesterov else b
-      return w - lr * (5.0 if is_fc(path) else 1.0) * d
+      mult = 5.0 if is_fc(path) else 3.0 if is_global_logits(path) else 1.0
+      return w - lr * mult * d
 
     ref_params = jax.tree_util.tree_map_with_path(ref, ref_params, g, buf)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params)):
@@ -151,6 +159,8 @@ def test_adamw_decays_kernels_only():
     ("warmup_steps", 100, "config.optim.warmup_steps"),
     ("step_boundaries", (0.75, 0.5), "config.optim.step_boundaries"),
     ("grad_clip_norm", -1.0, "config.optim.grad_clip_norm"),
+    ("fc_lr_mult", 0.0, "config.optim.fc_lr_mult"),
+    ("global_logits_lr_mult", -2.0, "config.optim.global_logits_lr_mult"),
 ])
 def test_bad_optim_values_name_the_key(key, value, match):
   c = make_config(**{key: value})

@@ -145,6 +145,7 @@ class GlobalTemporalAttention(nn.Module):
     num_regions: `K`, the learned soft regions of the region branch.
     reduction: `C' = C // reduction` channels in the attention.
     cross_channel: each head projects all `C'` channels (else its own slice).
+    global_init_std: standard deviation of every `G` at init.
     dtype: compute dtype; parameters are float32, softmaxes run in float32.
   """
   temporal_attention: str = "global"
@@ -153,6 +154,7 @@ class GlobalTemporalAttention(nn.Module):
   num_regions: int = 8
   reduction: int = 2
   cross_channel: bool = True
+  global_init_std: float = 0.02
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -165,7 +167,7 @@ class GlobalTemporalAttention(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     temporal = functools.partial(TemporalAttention, self.num_heads,
                                  self.temporal_attention, self.cross_channel,
-                                 dtype=self.dtype)
+                                 self.global_init_std, self.dtype)
     tokens = lambda y: y.reshape(b * t, h * w, y.shape[-1])
 
     # 1. Spatial attention within each frame.
@@ -212,7 +214,7 @@ def _gta_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", temporal_attention="global",
       granularity="both", num_heads=8, num_regions=8, reduction=2,
-      cross_channel=True))
+      cross_channel=True, global_init_std=0.02))
 
 
 def _build_gta(cfg: ml_collections.ConfigDict, dtype: Any):
@@ -226,9 +228,13 @@ def _build_gta(cfg: ml_collections.ConfigDict, dtype: Any):
     if not isinstance(cfg[key], int) or cfg[key] < 1:
       raise ValueError(f"config.model.gta.{key} must be a positive int, got "
                        f"{cfg[key]!r}")
+  if not isinstance(cfg.global_init_std, (int, float)) or cfg.global_init_std < 0:
+    raise ValueError("config.model.gta.global_init_std must be a number >= 0, got "
+                     f"{cfg.global_init_std!r}")
   return functools.partial(
       GlobalTemporalAttention, cfg.temporal_attention, cfg.granularity,
-      cfg.num_heads, cfg.num_regions, cfg.reduction, bool(cfg.cross_channel), dtype)
+      cfg.num_heads, cfg.num_regions, cfg.reduction, bool(cfg.cross_channel),
+      float(cfg.global_init_std), dtype)
 
 
 GTA_SPEC = hooks.TemporalModuleSpec(

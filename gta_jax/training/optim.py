@@ -14,8 +14,9 @@ The optimizer is SGD with momentum (optionally Nesterov; PyTorch's form, weight
 decay added to the gradient) or AdamW (decoupled weight decay). Weight decay only
 applies to `kernel` parameters (convolutions and dense layers): BatchNorm scales
 and biases, biases and the temporal modules' attention logits are not decayed.
-Gradients are clipped by global norm first (`optim.grad_clip_norm`, 0 disables) and
-the classifier (`head/fc`) learns `optim.fc_lr_mult` times faster.
+Gradients are clipped by global norm first (`optim.grad_clip_norm`, 0 disables), the
+classifier (`head/fc`) learns `optim.fc_lr_mult` times faster and GTA's global
+attention logits `G` `optim.global_logits_lr_mult` times faster.
 """
 
 from typing import Any
@@ -28,6 +29,7 @@ from flax import traverse_util
 SCHEDULES = ("cosine", "step", "plateau")
 OPTIMIZERS = ("sgd", "adamw")
 CLASSIFIER = ("head", "fc")
+GLOBAL_LOGITS = "global_logits"  # GTA's G (`gta_jax.models.gta.GLOBAL_LOGITS`)
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -72,11 +74,16 @@ def weight_decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
 
-def learning_rate_multipliers(params: Any, fc_lr_mult: float) -> Any:
-  """`fc_lr_mult` for the classifier's parameters, 1 elsewhere."""
+def learning_rate_multipliers(params: Any, fc_lr_mult: float,
+                              global_logits_lr_mult: float = 1.0) -> Any:
+  """`fc_lr_mult` for the classifier's parameters, `global_logits_lr_mult` for GTA's
+  `G`s, 1 elsewhere."""
+  def multiplier(path):
+    if path[:2] == CLASSIFIER:
+      return fc_lr_mult
+    return global_logits_lr_mult if path[-1] == GLOBAL_LOGITS else 1.0
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {k: fc_lr_mult if k[:2] == CLASSIFIER else 1.0 for k in flat})
+  return traverse_util.unflatten_dict({k: multiplier(k) for k in flat})
 
 
 def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
@@ -100,10 +107,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
   o = config.optim
   if o.name not in OPTIMIZERS:
     raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
-  if o.grad_clip_norm < 0 or o.weight_decay < 0 or o.fc_lr_mult <= 0:
-    raise ValueError("config.optim.grad_clip_norm and weight_decay must be >= 0 and "
-                     f"fc_lr_mult > 0, got {o.grad_clip_norm}, {o.weight_decay}, "
-                     f"{o.fc_lr_mult}")
+  if o.grad_clip_norm < 0 or o.weight_decay < 0:
+    raise ValueError("config.optim.grad_clip_norm and weight_decay must be >= 0, got "
+                     f"{o.grad_clip_norm}, {o.weight_decay}")
+  for key in ("fc_lr_mult", "global_logits_lr_mult"):
+    if o[key] <= 0:
+      raise ValueError(f"config.optim.{key} must be > 0, got {o[key]}")
   schedule = learning_rate_schedule(config)
   mask = weight_decay_mask(params)
   parts = []
@@ -115,6 +124,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
   else:
     parts += [optax.scale_by_adam(), optax.add_decayed_weights(o.weight_decay, mask)]
   parts.append(optax.scale_by_learning_rate(schedule))
-  if o.fc_lr_mult != 1.0:
-    parts.append(scale_by_tree(learning_rate_multipliers(params, o.fc_lr_mult)))
+  if o.fc_lr_mult != 1.0 or o.global_logits_lr_mult != 1.0:
+    parts.append(scale_by_tree(learning_rate_multipliers(params, o.fc_lr_mult,
+                                                         o.global_logits_lr_mult)))
   return optax.chain(*parts)
