@@ -193,7 +193,7 @@ def test_identity_at_init():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 32, 32, 3))
   variables = random_variables(model, x)  # a random backbone, then GTA at init
   block = gta.GTA_SPEC.build(config.model.gta, jnp.float32)()
-  for name in ("res3_block0", "res4_block0"):
+  for name in ("res4_block0", "res5_block0"):
     channels = variables["params"][name]["post"]["bn"]["scale"].shape[0]
     # An 'rbg' key compiles much faster than threefry on CPU.
     block_init = jax.jit(block.init)(jax.random.key(1, impl="rbg"),
@@ -229,7 +229,7 @@ def test_global_attention_maps():
   variables = random_variables(registry.build_model(tiny_config("gta")), x)
   maps = gta.global_attention_maps(variables)
   assert set(maps) == {f"res{s}_block0/post/{b}_temporal"
-                       for s in (3, 4) for b in ("pixel", "region")}
+                       for s in (4, 5) for b in ("pixel", "region")}
   for path, attn in maps.items():
     stage, _, branch = path.split("/")
     logits = np.asarray(variables["params"][stage]["post"][branch]["global_logits"])
