@@ -1,7 +1,11 @@
-"""synthetic_ssa: see `gta_jax.config_lib.synthetic_config` for the recipe."""
+"""synthetic_ssa: SSA on a TSM backbone; see `gta_jax.config_lib.synthetic_config`.
+
+Like `synthetic_gta.py`: on this data SSA alone learns slowly (README, "Results");
+`--config.model.temporal_modules=ssa` trains it without the shifts.
+"""
 
 from gta_jax import config_lib
 
 
 def get_config():
-  return config_lib.synthetic_config('ssa')
+  return config_lib.synthetic_config('tsm,ssa')

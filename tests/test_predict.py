@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from gta_jax import config_lib
+import synthetic_gta  # configs/, on the path from conftest.py
 from gta_jax import predict
 from gta_jax.data import pipeline
 from gta_jax.models import registry
@@ -39,7 +39,7 @@ def overrides(data_dir):
 
 
 def tiny_config(data_dir):
-  c = config_lib.synthetic_config("gta")
+  c = synthetic_gta.get_config()
   for key, value in overrides(data_dir).items():
     *parents, leaf = key.split(".")
     node = c
