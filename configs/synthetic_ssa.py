@@ -1,4 +1,6 @@
-"""synthetic_ssa: SSA on a TSM backbone; see `gta_jax.config_lib.synthetic_config`.
+"""synthetic_ssa: SSA (scaled, residual) on a TSM backbone.
+
+See `gta_jax.config_lib.synthetic_config` for the recipe.
 
 Like `synthetic_gta.py`: on this data SSA alone learns slowly (README, "Results");
 `--config.model.temporal_modules=ssa` trains it without the shifts.

@@ -134,6 +134,7 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.nl.placement = "res3:0;res4:0"
   c.model.ssa.placement = "res4:0;res5:0"
   c.model.ssa.scale = "sqrt_d"  # unscaled, the temporal softmax starts one-hot
+  c.model.ssa.residual = True  # x + BN(y), the identity at init (as GTA)
   c.model.gta.placement = "res4:0;res5:0"
   # G starts far from uniform and learns 20x faster: with std 0.02 and AdamW's
   # ~lr-sized steps, G stayed a uniform temporal average for hundreds of steps.
