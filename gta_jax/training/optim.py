@@ -26,10 +26,11 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from gta_jax.models import gta
+
 SCHEDULES = ("cosine", "step", "plateau")
 OPTIMIZERS = ("sgd", "adamw")
 CLASSIFIER = ("head", "fc")
-GLOBAL_LOGITS = "global_logits"  # GTA's G (`gta_jax.models.gta.GLOBAL_LOGITS`)
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -81,7 +82,7 @@ def learning_rate_multipliers(params: Any, fc_lr_mult: float,
   def multiplier(path):
     if path[:2] == CLASSIFIER:
       return fc_lr_mult
-    return global_logits_lr_mult if path[-1] == GLOBAL_LOGITS else 1.0
+    return global_logits_lr_mult if path[-1] == gta.GLOBAL_LOGITS else 1.0
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: multiplier(k) for k in flat})
 

@@ -6,7 +6,8 @@ Ten classes in five pairs, each class the time-reverse of its partner:
   rotating_clockwise / rotating_anticlockwise, appearing / vanishing.
 
 Every video draws a random scene (textured background, object shape, colour, size,
-start position, speed, pixel noise) and a random motion of the pair's first class; a video of the second class is the same kind of draw played backwards. So the
+start position, speed, pixel noise) and a random motion of the pair's first class; a
+video of the second class is the same kind of draw played backwards. So the
 frames of the two classes of a pair have the same distribution, and a model blind to frame
 order (TSN) is at chance within each pair, while a temporal model can solve every pair.
 
