@@ -12,7 +12,9 @@ of the train step against that rate, and the compiled train step's peak memory.
 
 The last line printed is one JSON object (see `REPORT_KEYS`); `peer_torch.py`
 parses it. XLA flags come from `XLA_FLAGS` as usual (none of those tried helped on
-CPU: see README.md) and are echoed in the report.
+CPU: see README.md) and are echoed in the report, as is `GLIBC_TUNABLES`: like
+`train.py`, this runs with malloc on huge pages (`gta_jax.cli.use_huge_pages`;
+`GTA_JAX_HUGE_PAGES=0` to measure without).
 """
 
 import json
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from gta_jax import cli
 from gta_jax.models import registry
 from gta_jax.training import optim
 from gta_jax.training import state as state_lib
@@ -44,7 +47,7 @@ REPORT_KEYS = ("config", "batch", "num_frames", "crop_size", "dtype",
                "train_clips_per_s", "infer_clips_per_s", "train_step_s", "infer_step_s",
                "train_step_s_spread", "gflops_per_clip", "train_gflops_per_clip",
                "mfu_train", "peak_gflops", "peak_gflops_bf16", "peak_memory_bytes",
-               "backend", "device", "xla_flags")
+               "backend", "device", "xla_flags", "glibc_tunables")
 
 
 def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> List[float]:
@@ -138,6 +141,7 @@ def run(config, batch: int, steps: int, warmup: int) -> Dict[str, Any]:
       "backend": jax.default_backend(),
       "device": f"{device.platform}:{device.device_kind} x{jax.device_count()}",
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
 
 
@@ -183,4 +187,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ from gta_jax import config_lib
 from gta_jax.models import baselines
 from gta_jax.models import build_model
 from gta_jax.models import hooks
+from gta_jax.models import resnet
 
 
 def count_params(tree) -> int:
@@ -247,6 +248,58 @@ def test_conv_padding_matches_torchvision_output_sizes():
   assert shape("res2_block0") == (1, 1, 56, 56, 256)
   assert shape("res5_block2") == (1, 1, 7, 7, 2048)
 
+
+
+@pytest.mark.parametrize("cin,cout,stride", [(8, 24, 1), (24, 8, 1), (16, 16, 2)])
+def test_pointwise_convolution_matches_lax_in_value_and_gradients(cin, cout, stride):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 3, 6, 6, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((1, 1, cin, cout)), jnp.float32)
+  dims = jax.lax.conv_dimension_numbers(x.shape[1:], w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def conv(fn, x, w):  # (B, T) folded into the batch, as flax does.
+    y = fn(x.reshape((-1,) + x.shape[2:]), w, (stride, stride), ((0, 0), (0, 0)),
+           dimension_numbers=dims, precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(x.shape[:2] + y.shape[1:])
+
+  out, vjp = jax.vjp(functools.partial(conv, resnet.conv_or_matmul), x, w)
+  expected, expected_vjp = jax.vjp(functools.partial(conv, jax.lax.conv_general_dilated), x, w)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+  for grad, expected_grad in zip(vjp(cotangent), expected_vjp(cotangent)):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def numpy_max_pool_grad(x, grad, size, stride, pad):
+  """dL/dx of a max-pool over (H, W) of (N, H, W, C): each window's gradient to its
+  first maximum in row-major order."""
+  dx = np.zeros_like(x)
+  n, h, w, c = x.shape
+  for b, p, q, ch in np.ndindex(grad.shape):
+    best = None
+    for i in range(p * stride - pad, p * stride - pad + size):
+      for j in range(q * stride - pad, q * stride - pad + size):
+        if 0 <= i < h and 0 <= j < w and (best is None or x[b, i, j, ch] > x[b][best][ch]):
+          best = (i, j)
+    dx[b, best[0], best[1], ch] += grad[b, p, q, ch]
+  return dx
+
+
+@pytest.mark.parametrize("size,stride,pad,hw", [(3, 2, 1, (9, 8)), (3, 2, 1, (8, 8)),
+                                                (2, 2, 0, (6, 7)), (3, 1, 1, (5, 5))])
+def test_max_pool_matches_flax_and_a_numpy_gradient(size, stride, pad, hw):
+  rng = np.random.default_rng(0)
+  # Rounded ReLU outputs: many ties, which must all go to the window's first maximum.
+  x = np.maximum(np.round(rng.standard_normal((2,) + hw + (3,)), 1), 0).astype(np.float32)
+  out = resnet.max_pool(jnp.asarray(x), size, stride, pad)
+  reference = flax.linen.max_pool(jnp.asarray(x), (size, size), (stride, stride),
+                                  ((pad, pad), (pad, pad)))
+  np.testing.assert_array_equal(out, reference)
+  grad = rng.standard_normal(out.shape).astype(np.float32)
+  dx = jax.grad(lambda v: jnp.sum(resnet.max_pool(v, size, stride, pad) * grad))(
+      jnp.asarray(x))
+  np.testing.assert_allclose(dx, numpy_max_pool_grad(x, grad, size, stride, pad),
+                             rtol=1e-6, atol=1e-6)
 
 # -- configuration errors ------------------------------------------------------------------
 
