@@ -89,33 +89,46 @@ def compiled_peak_memory(compiled) -> int:
              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+class CompiledSteps:
+  """A config's model, compiled train and inference steps, and a random batch.
+
+  `train()` runs one train step (the state is donated and carried along) and
+  returns its metrics; `infer()` runs the inference step on the same clips.
+  """
+
+  def __init__(self, config, batch: int):
+    t, crop = config.data.num_frames, config.data.crop_size
+    rng = np.random.default_rng(0)
+    video = jnp.asarray(rng.standard_normal((batch, t, crop, crop, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, config.model.num_classes, (batch,)), jnp.int32)
+    self.batch = {"video": video, "label": labels}
+
+    model = registry.build_model(config)
+    variables = jax.jit(lambda key: state_lib.init_variables(model, config, key))(
+        jax.random.key(config.seed))
+    tx = optim.make_optimizer(config, variables["params"])
+    self.state = jax.jit(lambda v: state_lib.create_train_state(v, tx))(variables)
+    train_step = steps_lib.make_train_step(model, tx)  # jitted, state donated
+    self.train_compiled = train_step.lower(self.state, self.batch).compile()
+    infer_jit = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    self.infer_compiled = infer_jit.lower(variables, video).compile()
+
+  def train(self):
+    self.state, metrics = self.train_compiled(self.state, self.batch)
+    return metrics
+
+  def infer(self):
+    return self.infer_compiled(self.state.variables, self.batch["video"])
+
+
 def run(config, batch: int, steps: int, warmup: int) -> Dict[str, Any]:
   """Compiles and times the steps; returns the report (keys `REPORT_KEYS`)."""
   t, crop = config.data.num_frames, config.data.crop_size
-  rng = np.random.default_rng(0)
-  video = jnp.asarray(rng.standard_normal((batch, t, crop, crop, 3), np.float32))
-  labels = jnp.asarray(rng.integers(0, config.model.num_classes, (batch,)), jnp.int32)
-
-  model = registry.build_model(config)
-  variables = jax.jit(lambda key: state_lib.init_variables(model, config, key))(
-      jax.random.key(config.seed))
-  tx = optim.make_optimizer(config, variables["params"])
-  state = jax.jit(lambda v: state_lib.create_train_state(v, tx))(variables)
-  batch_data = {"video": video, "label": labels}
-
-  train_step = steps_lib.make_train_step(model, tx)  # jitted, state donated
-  train_compiled = train_step.lower(state, batch_data).compile()
-  infer_jit = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  infer_compiled = infer_jit.lower(variables, video).compile()
-
-  def train_call():
-    nonlocal state
-    state, metrics = train_compiled(state, batch_data)
-    return metrics
-
-  train_times = time_calls(train_call, steps, warmup)
+  compiled = CompiledSteps(config, batch)
+  train_compiled, infer_compiled = compiled.train_compiled, compiled.infer_compiled
+  train_times = time_calls(compiled.train, steps, warmup)
   infer_times = ([float("nan")] if _SKIP_INFER.value else
-                 time_calls(lambda: infer_compiled(state.variables, video), steps, warmup))
+                 time_calls(compiled.infer, steps, warmup))
 
   peak = matmul_gflops(jnp.float32, _MATMUL_SIZE.value)
   train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
@@ -143,6 +156,11 @@ def run(config, batch: int, steps: int, warmup: int) -> Dict[str, Any]:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
+
+
+def config_and_batch():
+  """The config of `--config` and the clips per step (`--batch` or its batch_size)."""
+  return _CONFIG.value, _BATCH.value or _CONFIG.value.batch_size
 
 
 def config_name() -> str:
@@ -175,8 +193,7 @@ def print_table(report: Dict[str, Any]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  batch = _BATCH.value or config.batch_size
+  config, batch = config_and_batch()
   if batch < 1 or _STEPS.value < 1:
     raise app.UsageError(f"--batch and --steps must be positive, got {batch}, "
                          f"{_STEPS.value}")

@@ -2,7 +2,7 @@
 subnormal floats in SSA's unscaled softmaxes.
 
   python benchmarks/ssa_memory.py                      # everything, 8 frames, 224px
-  python benchmarks/ssa_memory.py --parts=memory --batch=8 --variants=ssa,ssa_plain
+  python benchmarks/ssa_memory.py --parts=memory --batch=8 --variants=ssa,ssa_nochunk
 
 Parts:
 * `cost`: parameters and forward GFLOPs per clip (XLA's cost analysis of the
@@ -41,7 +41,6 @@ ZERO_BELOW = float(np.finfo(np.float32).smallest_subnormal) / 2  # rounds to 0
 SSA_VARIANTS = {
     "ssa": {},
     "ssa_nochunk": {"spatial_chunk": 0},
-    "ssa_plain": {"spatial_chunk": 0, "remat": False},
 }
 
 
@@ -174,7 +173,7 @@ def backend_flushes_subnormals():
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--parts", default="cost,memory,subnormal")
-  parser.add_argument("--variants", default="tsn,ssa,ssa_nochunk,ssa_plain")
+  parser.add_argument("--variants", default="tsn,ssa,ssa_nochunk")
   parser.add_argument("--frames", type=int, default=8)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8)

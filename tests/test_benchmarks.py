@@ -32,3 +32,26 @@ def test_bench_reports_positive_finite_numbers():
   assert report["gflops_per_clip"] * 1e9 >= 2 * 4 * 16 * 16 * 27 * 8
   assert report["mfu_train"] < 10  # a ratio, not a percentage
   assert any(line.startswith("train step") for line in lines[:-1])  # the table
+
+
+def test_profile_step_attributes_the_step_to_ops_and_model_parts(tmp_path):
+  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"),
+         f"--trace_dir={tmp_path}",
+         f"--config={os.path.join(REPO, 'configs', 'synthetic_tsn.py')}",
+         "--batch=2", "--warmup=1", "--profile_steps=1", "--top=5",
+         "--config.data.num_frames=4", "--config.data.crop_size=16"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sections = proc.stdout.split("\n\n")
+  tables = {s.splitlines()[0]: [r for r in s.splitlines()[1:] if " ms " in r]
+            for s in sections[1:4]}
+  assert list(tables) == ["by kind of op", "by part of the model", "top 5 ops"]
+  share = lambda row: float(row.split("%")[0].split()[-1])
+  for rows in tables.values():
+    assert len(rows) == 6 and rows[-1].endswith("more)")  # 5 rows, then the rest
+    assert [share(r) for r in rows[:-1]] == sorted(map(share, rows[:-1]), reverse=True)
+  for name in ("by kind of op", "by part of the model"):
+    assert abs(sum(map(share, tables[name])) - 100) < 1
+  parts = " ".join(tables["by part of the model"])
+  assert "fwd" in parts and "bwd" in parts
+  assert proc.stdout.strip().splitlines()[-1] == f"trace: {tmp_path}"

@@ -95,7 +95,7 @@ def test_matches_einsum_reference(switches):
 
 
 def test_gradient_matches_reference():
-  """The rematerialised, chunked backward pass gives the reference's gradients."""
+  """The chunked backward pass, through `attend`'s own gradient, gives the reference's."""
   x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
   module = ssa.SeparableSelfAttention(scale="sqrt_d", spatial_chunk=3)
   params = jax.jit(module.init)(jax.random.key(1), x)["params"]

@@ -13,11 +13,11 @@ block's own shortcut stays. On `x: (B, T, H, W, C)`:
    (T x T per clip).
 4. Shared value embedding (Eq. 8): `y = M_T v`, with the spatial step's `v`.
 
-Every softmax goes through :func:`gta_jax.models.attention.attend`
-(`jax.nn.dot_product_attention`: f32 logits and softmax under bf16). With `remat`
-the parameter-free attention cores are recomputed in the backward pass, so the
-HW x HW scores (3136 x 3136 per frame where the module sees a 56x56 map) are never
-kept for it, and `spatial_chunk` computes them a few frames at a time.
+Every softmax goes through :func:`gta_jax.models.attention.attend` (f32 logits
+and softmax under bf16), which keeps no scores for the backward pass and
+recomputes them there, so the HW x HW scores (3136 x 3136 per frame where the
+module sees a 56x56 map) exist only while they are used, and `spatial_chunk`
+computes them a few frames at a time.
 
 The paper has no scaling, residual or output projection; the switches in
 :func:`default_config` add them for ablations. Without `temporal_conv` (1x1x1) the
@@ -101,8 +101,6 @@ class SeparableSelfAttention(nn.Module):
       is then the identity at init); False returns `y` (the paper).
     reduction: q, k, v have `C // reduction` channels; above 1 a 1x1 conv maps
       `y` back to C channels.
-    remat: recompute the attention cores in the backward pass instead of storing
-      their scores and softmax.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -114,7 +112,6 @@ class SeparableSelfAttention(nn.Module):
   scale: str = "none"
   residual: bool = False
   reduction: int = 1
-  remat: bool = True
   spatial_chunk: int = 0
   dtype: Any = jnp.float32
 
@@ -131,8 +128,6 @@ class SeparableSelfAttention(nn.Module):
     spatial = functools.partial(spatial_attention,
                                 channel_branch=self.channel_branch, scale=self.scale)
     temporal = functools.partial(temporal_attention, scale=self.scale)
-    if self.remat:
-      spatial, temporal = jax.checkpoint(spatial), jax.checkpoint(temporal)
 
     frames = lambda a: a.reshape(b * t, h * w, a.shape[-1])
     x_hat = map_in_chunks(spatial, self.spatial_chunk, frames(q), frames(k), frames(v))
@@ -165,7 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
-      temporal_conv=True, scale="none", residual=False, reduction=1, remat=True,
+      temporal_conv=True, scale="none", residual=False, reduction=1,
       spatial_chunk=SPATIAL_CHUNK))
 
 
@@ -180,7 +175,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
     raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
                      f"got {cfg.spatial_chunk!r}")
-  for key in ("channel_branch", "shared_value", "temporal_conv", "residual", "remat"):
+  for key in ("channel_branch", "shared_value", "temporal_conv", "residual"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.ssa.{key} must be True or False, "
                        f"got {cfg[key]!r}")
@@ -188,7 +183,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       SeparableSelfAttention, channel_branch=cfg.channel_branch,
       shared_value=cfg.shared_value, temporal_conv=cfg.temporal_conv,
       scale=cfg.scale, residual=cfg.residual, reduction=cfg.reduction,
-      remat=cfg.remat, spatial_chunk=cfg.spatial_chunk, dtype=dtype)
+      spatial_chunk=cfg.spatial_chunk, dtype=dtype)
 
 
 SSA_SPEC = hooks.TemporalModuleSpec(
