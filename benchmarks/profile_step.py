@@ -47,6 +47,7 @@ _TRACE_DIR = flags.DEFINE_string("trace_dir", None,
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) (.*)$")
 _PART = re.compile(r"^(stem_\w+|res\d+_block\d+|head)$")
 _HOOKS = ("pre", "inner", "post")
+_CONTROL_FLOW = ("while", "conditional", "call")
 
 
 class HloOp(NamedTuple):
@@ -123,8 +124,8 @@ def summarise(events: Iterable[Tuple[str, float]], ops: Dict[str, HloOp], steps:
   """Seconds per step by kind, by model part, and per op (HLO ops only)."""
   by_kind, by_part, by_op = (collections.Counter() for _ in range(3))
   for name, seconds in events:
-    if name not in ops:  # runtime events: executor, thread pool, Python
-      continue
+    if name not in ops or ops[name].kind in _CONTROL_FLOW:
+      continue  # runtime events (executor, Python), or loops that enclose their ops
     by_kind[ops[name].kind] += seconds / steps
     by_part[model_part(ops[name].op_name)] += seconds / steps
     by_op[name] += seconds / steps
