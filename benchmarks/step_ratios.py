@@ -3,9 +3,9 @@ r"""Does attention cost what its FLOPs say? Train steps of several configs, inte
     python benchmarks/step_ratios.py --configs tsn,gta,ssa --batch 2 --crop 112 --rounds 6
 
 Compiles the train step (`bench.CompiledSteps`; `--batch` and `--warmup` are
-bench.py's flags) of each `configs/ssv2_{name}_r50_8f.py`
-(`--pattern`) in one process, then calls them in turn, `--rounds` times after a warm-up, so that
-every config sees the same machine load. For each config it prints the median step
+bench.py's flags) of each `configs/ssv2_{name}_r50_8f.py` (`--pattern`) in one
+process, then calls them in turn, `--rounds` times after a warm-up, so that every
+config sees the same machine load. For each config it prints the median step
 time, the forward GFLOPs per clip (XLA's cost analysis of the inference step), and,
 against the first config, the step-time ratio, the FLOP ratio and their quotient:
 issue 8's target is a quotient of at most 1.1 (attention as efficient as the

@@ -12,6 +12,13 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES_ENV = "GTA_JAX_HUGE_PAGES"  # "0" turns `use_huge_pages` off.
 
 
+def glibc_has_hugetlb() -> bool:
+  """Whether this is Linux with glibc 2.35+, whose malloc has the `hugetlb` tunable."""
+  libc, version = platform.libc_ver()
+  return (sys.platform == "linux" and libc == "glibc"
+          and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35))
+
+
 def use_huge_pages() -> None:
   """Re-executes this process with glibc's malloc on transparent huge pages.
 
@@ -27,10 +34,8 @@ def use_huge_pages() -> None:
   tunable, or when `GTA_JAX_HUGE_PAGES=0`. Call it first thing in `__main__`,
   before any thread or file is opened.
   """
-  libc, version = platform.libc_ver()
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if (sys.platform != "linux" or libc != "glibc" or not sys.executable
-      or tuple(int(v) for v in version.split(".")[:2]) < (2, 35)
+  if (not glibc_has_hugetlb() or not sys.executable
       or "glibc.malloc.hugetlb" in tunables or os.environ.get(HUGE_PAGES_ENV) == "0"):
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))

@@ -1,7 +1,6 @@
 """The process the command-line tools run in (`gta_jax.cli.use_huge_pages`)."""
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -18,12 +17,6 @@ print("tunables", repr(os.environ.get("GLIBC_TUNABLES")), "argv", sys.argv[1:])
 """
 
 
-def has_hugetlb_tunable() -> bool:
-  libc, version = platform.libc_ver()
-  return (sys.platform == "linux" and libc == "glibc"
-          and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35))
-
-
 def run_script(**env_changes):
   env = {k: v for k, v in os.environ.items()
          if k not in ("GLIBC_TUNABLES", cli.HUGE_PAGES_ENV)}
@@ -33,14 +26,14 @@ def run_script(**env_changes):
   return out.splitlines()
 
 
-@pytest.mark.skipif(not has_hugetlb_tunable(), reason="needs Linux with glibc 2.35+")
+@pytest.mark.skipif(not cli.glibc_has_hugetlb(), reason="needs Linux with glibc 2.35+")
 def test_reexecutes_once_with_huge_pages_and_the_same_arguments():
   lines = run_script()
   assert lines == ["started", "started",
                    f"tunables '{cli.HUGE_PAGES_TUNABLE}' argv ['--flag', 'a b']"]
 
 
-@pytest.mark.skipif(not has_hugetlb_tunable(), reason="needs Linux with glibc 2.35+")
+@pytest.mark.skipif(not cli.glibc_has_hugetlb(), reason="needs Linux with glibc 2.35+")
 def test_keeps_the_tunables_already_set():
   lines = run_script(GLIBC_TUNABLES="glibc.malloc.trim_threshold=4096")
   assert lines[-1] == ("tunables 'glibc.malloc.trim_threshold=4096:"
