@@ -5,9 +5,11 @@ r"""Parameters and forward GFLOPs per clip of a config's model (XLA cost analysi
 
 Nothing is run or initialised: the variables are abstract (`jax.eval_shape`), and
 the jitted inference apply on `(batch, T, crop, crop, 3)` clips is lowered and
-compiled for `cost_analysis()`. XLA counts a multiply-add as 2 FLOPs; the papers'
-ResNet "GFLOPs" are usually multiply-adds (TSN R50 8f: 33G), half of XLA's count,
-so both are printed. The last line is one JSON object.
+compiled for `cost_analysis()`, with any loop in the model taken out first
+(`registry.without_loops`: XLA counts a loop's body once). XLA counts a
+multiply-add as 2 FLOPs; the papers' ResNet "GFLOPs" are usually multiply-adds
+(TSN R50 8f: 33G), half of XLA's count, so both are printed. The last line is one
+JSON object.
 """
 
 import json
@@ -41,7 +43,7 @@ def measure(config, batch: int) -> Dict[str, Any]:
   """Parameter counts and forward FLOPs per clip of `config`'s model."""
   t, crop = config.data.num_frames, config.data.crop_size
   video = jax.ShapeDtypeStruct((batch, t, crop, crop, 3), jnp.float32)
-  model = registry.build_model(config)
+  model = registry.build_model(registry.without_loops(config))
   variables = jax.eval_shape(model.init, jax.random.key(0), video)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   flops = float(apply.lower(variables, video).compile().cost_analysis()["flops"])

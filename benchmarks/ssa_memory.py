@@ -2,7 +2,7 @@
 subnormal floats in SSA's unscaled softmaxes.
 
   python benchmarks/ssa_memory.py                      # everything, 8 frames, 224px
-  python benchmarks/ssa_memory.py --parts=memory --batch=8 --variants=ssa,ssa_nochunk
+  python benchmarks/ssa_memory.py --parts=memory --batch=8 --variants=ssa,ssa_lean,ssa_lean_nochunk
 
 Parts:
 * `cost`: parameters and forward GFLOPs per clip (XLA's cost analysis of the
@@ -32,15 +32,19 @@ import optax
 
 from gta_jax import config_lib
 from gta_jax.models import build_model
+from gta_jax.models import registry
+from gta_jax.models import ssa
 
 TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 ZERO_BELOW = float(np.finfo(np.float32).smallest_subnormal) / 2  # rounds to 0
 
 
-# SSA variants: overrides of config.model.ssa (`ssa` is the default config).
+# SSA variants: overrides of config.model.ssa (`ssa` is the default config, the
+# fast memory mode).
 SSA_VARIANTS = {
     "ssa": {},
-    "ssa_nochunk": {"spatial_chunk": 0},
+    "ssa_lean": ssa.LEAN_MEMORY_MODE,
+    "ssa_lean_nochunk": {**ssa.LEAN_MEMORY_MODE, "spatial_chunk": 0},
 }
 
 
@@ -60,11 +64,8 @@ def abstract_variables(model, clip_shape):
 
 
 def cost(variant, num_frames, size):
-  config = get_config(variant, num_frames)
-  if variant != "tsn":
-    # XLA's cost analysis counts a loop body once: no lax.map over frame chunks.
-    config.model.ssa.spatial_chunk = 0
-  model = build_model(config)
+  # XLA's cost analysis counts a loop body once: no lax.map over frame chunks.
+  model = build_model(registry.without_loops(get_config(variant, num_frames)))
   clip = jax.ShapeDtypeStruct((1, num_frames, size, size, 3), jnp.float32)
   variables = abstract_variables(model, clip.shape)
   params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
@@ -173,7 +174,7 @@ def backend_flushes_subnormals():
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--parts", default="cost,memory,subnormal")
-  parser.add_argument("--variants", default="tsn,ssa,ssa_nochunk")
+  parser.add_argument("--variants", default="tsn,ssa,ssa_lean,ssa_lean_nochunk")
   parser.add_argument("--frames", type=int, default=8)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8)

@@ -6,10 +6,11 @@ Compiles the train step (`bench.CompiledSteps`; `--batch` and `--warmup` are
 bench.py's flags) of each `configs/ssv2_{name}_r50_8f.py` (`--pattern`) in one
 process, then calls them in turn, `--rounds` times after a warm-up, so that every
 config sees the same machine load. For each config it prints the median step
-time, the forward GFLOPs per clip (XLA's cost analysis of the inference step), and,
-against the first config, the step-time ratio, the FLOP ratio and their quotient:
-issue 8's target is a quotient of at most 1.1 (attention as efficient as the
-convolutions it is added to). The last line is JSON.
+time, the forward GFLOPs per clip (`bench.flops_per_clip`: XLA's cost analysis of
+the inference step, loops taken out), and, against the first config, the
+step-time ratio, the FLOP ratio and their quotient: issue 8's target is a quotient
+of at most 1.1 (attention as efficient as the convolutions it is added to). The
+last line is JSON.
 """
 
 import importlib.util
@@ -62,7 +63,7 @@ def main(argv):
       times[name].append(time.perf_counter() - start)
 
   base = _CONFIGS.value[0]
-  gflops = {name: bench.compiled_flops(s.infer_compiled) / batch / 1e9
+  gflops = {name: bench.flops_per_clip(load_config(name), batch, s)[0] / 1e9
             for name, s in steps.items()}
   medians = {name: statistics.median(t) for name, t in times.items()}
   report = {"batch": batch, "crop": _CROP.value, "rounds": _ROUNDS.value, "configs": {}}

@@ -69,3 +69,19 @@ def test_step_ratios_compares_interleaved_steps_with_the_first_config():
   assert gta["flop_ratio"] > 1  # GTA adds attention to the same backbone
   assert math.isclose(gta["step_ratio"], gta["train_step_s"] / tsn["train_step_s"])
   assert math.isclose(gta["step_over_flop_ratio"], gta["step_ratio"] / gta["flop_ratio"])
+
+
+def test_flops_per_clip_count_every_chunk_of_the_ssa_loop():
+  # SSA's spatial attention runs in a loop over frame chunks, whose body XLA's cost
+  # analysis counts once: per-clip FLOPs would then fall as the batch grows.
+  def gflops_per_clip(batch):
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "flops.py"),
+           f"--config={os.path.join(REPO, 'configs', 'synthetic_ssa.py')}",
+           f"--batch={batch}", "--config.data.num_frames=4",
+           "--config.data.crop_size=32", "--config.model.ssa.spatial_chunk=2",
+           "--config.model.ssa.save_probs=False"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["gflops_per_clip"]
+
+  assert math.isclose(gflops_per_clip(1), gflops_per_clip(4), rel_tol=1e-2)

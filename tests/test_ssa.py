@@ -94,10 +94,13 @@ def test_matches_einsum_reference(switches):
                              atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_matches_reference():
-  """The chunked backward pass, through `attend`'s own gradient, gives the reference's."""
+@pytest.mark.parametrize("spatial_chunk,save_probs", [(3, False), (0, True)])
+def test_gradient_matches_reference(spatial_chunk, save_probs):
+  """The backward pass, chunked (softmax recomputed) or in one piece with the
+  softmax kept, through `attend`'s own gradient, gives the reference's."""
   x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
-  module = ssa.SeparableSelfAttention(scale="sqrt_d", spatial_chunk=3)
+  module = ssa.SeparableSelfAttention(scale="sqrt_d", spatial_chunk=spatial_chunk,
+                                      save_probs=save_probs)
   params = jax.jit(module.init)(jax.random.key(1), x)["params"]
   target = jax.random.normal(jax.random.key(2), SHAPE)
 
@@ -160,6 +163,12 @@ def test_bad_config_names_the_key():
   config.model.ssa.spatial_chunk = -1
   with pytest.raises(ValueError, match="config.model.ssa.spatial_chunk"):
     build_model(config)
+  config.model.ssa.spatial_chunk = 8
+  config.model.ssa.save_probs = True  # every frame's softmax kept: chunks bound nothing
+  with pytest.raises(ValueError, match="config.model.ssa.save_probs.*spatial_chunk=0"):
+    build_model(config)
+  config.model.ssa.spatial_chunk = 0
+  build_model(config)
 
 
 @pytest.mark.parametrize("num_frames", [8, 16])
