@@ -15,9 +15,10 @@ a line per round and, last, a JSON line with the medians and the ratio
 
 The PyTorch side is torchvision's ResNet-50 (TSN: frames folded into the batch,
 logits averaged over time; TSM: the residual shift before every block's conv1;
-SSA: our PyTorch SSA, below, before conv2 of layer2 blocks 0, 2, layer3 0, 2, 4),
-channels_last, SGD with momentum and weight decay, dropout 0.5 before the
-classifier, denormals flushed, bf16 through `torch.autocast` (oneDNN).
+SSA: our PyTorch SSA, below, before conv2 of layer2 blocks 0, 2, layer3 0, 2, 4;
+`ssa_port`: the same with its attention weights materialised, as the public SSAN
+port computes them), channels_last, SGD with momentum and weight decay, dropout 0.5
+before the classifier, denormals flushed, bf16 through `torch.autocast` (oneDNN).
 """
 
 import argparse
@@ -35,7 +36,7 @@ from torch import nn
 import torchvision
 
 JAX_CONFIGS = {"tsn": "configs/ssv2_tsn_r50_8f.py", "tsm": "configs/ssv2_tsm_r50_8f.py",
-               "ssa": "configs/ssv2_ssa_r50_8f.py"}
+               "ssa": "configs/ssv2_ssa_r50_8f.py", "ssa_port": "configs/ssv2_ssa_r50_8f.py"}
 # SSA's places (torchvision names): layer2 blocks 0, 2; layer3 blocks 0, 2, 4.
 SSA_PLACEMENT = {"layer2": (0, 2), "layer3": (0, 2, 4)}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,12 +67,15 @@ class SeparableSelfAttention(nn.Module):
   1x1 q, k, v; per frame `softmax(q k^T) v + v softmax(q^T k)^T`; a 3x1x1 conv of
   that gives `q_hat, k_hat`; `softmax(q_hat k_hat^T)` over frames (flattened to
   H*W*C) applied to the same `v`. Unscaled logits, as in the paper and the JAX
-  default. The softmaxes use PyTorch's fused `scaled_dot_product_attention`.
+  default. The softmaxes use PyTorch's fused `scaled_dot_product_attention`, or,
+  with `fused=False`, a plain `softmax(q k^T) v` whose weights are a tensor kept
+  for the backward pass: how the public SSAN port (einsum, `torch.softmax`)
+  computes them.
   """
 
-  def __init__(self, channels: int, num_frames: int):
+  def __init__(self, channels: int, num_frames: int, fused: bool = True):
     super().__init__()
-    self.num_frames = num_frames
+    self.num_frames, self.fused = num_frames, fused
     self.query, self.key, self.value = (
         nn.Conv2d(channels, channels, 1).to(memory_format=torch.channels_last)
         for _ in range(3))
@@ -80,8 +84,7 @@ class SeparableSelfAttention(nn.Module):
   def forward(self, x):
     bt, c, h, w = x.shape
     b, t = bt // self.num_frames, self.num_frames
-    attend = lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                       scale=1.0)
+    attend = fused_attention if self.fused else materialised_attention
     q, k, v = (f(x).flatten(2).transpose(1, 2) for f in (self.query, self.key,
                                                           self.value))  # (BT, HW, C)
     x_hat = attend(q, k, v) + attend(q.mT, k.mT, v.mT).mT
@@ -92,6 +95,14 @@ class SeparableSelfAttention(nn.Module):
     return y.reshape(bt, h, w, c).permute(0, 3, 1, 2)  # channels_last strides
 
 
+def fused_attention(q, k, v):
+  return nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+def materialised_attention(q, k, v):
+  return torch.softmax(q @ k.mT, dim=-1) @ v
+
+
 def build_model(name: str, num_frames: int, num_classes: int) -> nn.Module:
   model = torchvision.models.resnet50(num_classes=num_classes)
   model.fc = nn.Sequential(nn.Dropout(0.5), model.fc)
@@ -100,12 +111,13 @@ def build_model(name: str, num_frames: int, num_classes: int) -> nn.Module:
       for block in layer:
         block.conv1 = nn.Sequential(TemporalShift(num_frames), block.conv1)
   model = model.to(memory_format=torch.channels_last)
-  if name == "ssa":  # after conv1+bn1+relu: in front of conv2
+  if name in ("ssa", "ssa_port"):  # after conv1+bn1+relu: in front of conv2
     for layer_name, blocks in SSA_PLACEMENT.items():
       for i in blocks:
         block = getattr(model, layer_name)[i]
         block.conv2 = nn.Sequential(
-            SeparableSelfAttention(block.conv1.out_channels, num_frames), block.conv2)
+            SeparableSelfAttention(block.conv1.out_channels, num_frames,
+                                   fused=name == "ssa"), block.conv2)
   return model
 
 

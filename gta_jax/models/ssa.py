@@ -24,8 +24,9 @@ and softmax under bf16). Two memory modes:
   only while they are used, and `spatial_chunk` computes them a few frames at a
   time.
 
-On a 2-core CPU the fast mode's SSA-R50 8f train step is 5-17% faster, and at
-224px and 8 clips per step it needs 12.92 GiB against 11.36 (docs/ssa.md).
+On a 2-core CPU the fast mode's SSA-R50 8f train step at 224px is 4-16% faster
+(the two tie at 112px), and at 8 clips per step it needs 12.92 GiB against 11.36
+(docs/ssa.md).
 
 The paper has no scaling, residual or output projection; the switches in
 :func:`default_config` add them for ablations. Without `temporal_conv` (1x1x1) the
