@@ -72,17 +72,8 @@ def _row_dot(d_out, out):
   return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attend(query, key, value, scale):
-  return _forward(query, key, value, scale)[0]
-
-
-def _attend_fwd(query, key, value, scale):
-  out, log_norm, _ = _forward(query, key, value, scale)
-  return out, (query, key, value, out, log_norm)
-
-
-def _attend_bwd(scale, residuals, d_out):
+def _recomputing_bwd(scale, residuals, d_out):
+  """The gradient from q, k, v, the output and the log-sum-exp."""
   query, key, value, out, log_norm = residuals
   probs_t = jnp.exp(_matmul(key, query, 2, 2) * scale - log_norm[:, None, :])  # (N, Lk, Lq)
   d_probs_t = _matmul(value, d_out, 2, 2)
@@ -94,20 +85,8 @@ def _attend_bwd(scale, residuals, d_out):
           d_value.astype(value.dtype))
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attend_saving_probs(query, key, value, scale):
-  return _forward(query, key, value, scale)[0]
-
-
-def _attend_saving_probs_fwd(query, key, value, scale):
-  out, _, probs = _forward(query, key, value, scale)
-  return out, (query, key, value, out, probs)
-
-
-def _attend_saving_probs_bwd(scale, residuals, d_out):
+def _saved_probs_bwd(scale, residuals, d_out):
+  """The gradient from q, k, v, the output and the kept softmax."""
   query, key, value, out, probs = residuals  # probs: (N, Lq, Lk)
   d_probs = _matmul(d_out, value, 2, 2)
   d_logits = probs * (d_probs - _row_dot(d_out, out)[..., None]) * scale
@@ -118,4 +97,21 @@ def _attend_saving_probs_bwd(scale, residuals, d_out):
           d_value.astype(value.dtype))
 
 
-_attend_saving_probs.defvjp(_attend_saving_probs_fwd, _attend_saving_probs_bwd)
+def _custom_attention(keep_probs: bool, backward):
+  """`_forward`'s output with a hand-written gradient: the forward pass keeps
+  q, k, v, the output, and the softmax (`keep_probs`) or the log-sum-exp."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def attend_fn(query, key, value, scale):
+    return _forward(query, key, value, scale)[0]
+
+  def forward(query, key, value, scale):
+    out, log_norm, probs = _forward(query, key, value, scale)
+    return out, (query, key, value, out, probs if keep_probs else log_norm)
+
+  attend_fn.defvjp(forward, backward)
+  return attend_fn
+
+
+_attend = _custom_attention(False, _recomputing_bwd)
+_attend_saving_probs = _custom_attention(True, _saved_probs_bwd)
