@@ -60,9 +60,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   batch = flags.FLAGS.batch or 2
+  configs = {name: load_config(name) for name in _CONFIGS.value}
   steps = {}
-  for name in _CONFIGS.value:
-    steps[name] = bench.CompiledSteps(load_config(name), batch)
+  for name, config in configs.items():
+    steps[name] = bench.CompiledSteps(config, batch)
     for _ in range(max(1, flags.FLAGS.warmup)):
       jax.block_until_ready(steps[name].train())
   times = {name: [] for name in steps}
@@ -77,15 +78,15 @@ def main(argv):
       times[name].append(time.perf_counter() - start)
 
   base = _CONFIGS.value[0]
-  gflops = {name: bench.flops_per_clip(load_config(name), batch, s)[0] / 1e9
+  gflops = {name: bench.flops_per_clip(configs[name], batch, s)[0] / 1e9
             for name, s in steps.items()}
   medians = {name: statistics.median(t) for name, t in times.items()}
   report = {"batch": batch, "crop": _CROP.value, "rounds": _ROUNDS.value, "configs": {}}
   print(f"{batch} clips, {_CROP.value}^2, {_ROUNDS.value} interleaved rounds")
   for name in steps:
     step_ratio = medians[name] / medians[base]
-    # Each round's ratio to the base's call just before: the machine's drift
-    # between rounds cancels out.
+    # Each round's ratio to the base's call earlier in the same round: the
+    # machine's drift between rounds cancels out.
     paired = statistics.median(t / b for t, b in zip(times[name], times[base]))
     flop_ratio = gflops[name] / gflops[base]
     report["configs"][name] = {
