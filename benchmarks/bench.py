@@ -140,7 +140,6 @@ def run(config, batch: int, steps: int, warmup: int) -> Dict[str, Any]:
   """Compiles and times the steps; returns the report (keys `REPORT_KEYS`)."""
   t, crop = config.data.num_frames, config.data.crop_size
   compiled = CompiledSteps(config, batch)
-  train_compiled, infer_compiled = compiled.train_compiled, compiled.infer_compiled
   train_times = time_calls(compiled.train, steps, warmup)
   infer_times = ([float("nan")] if _SKIP_INFER.value else
                  time_calls(compiled.infer, steps, warmup))
@@ -165,7 +164,7 @@ def run(config, batch: int, steps: int, warmup: int) -> Dict[str, Any]:
       "mfu_train": train_flops * batch / train_s / 1e9 / peak,
       "peak_gflops": peak,
       "peak_gflops_bf16": matmul_gflops(jnp.bfloat16, _MATMUL_SIZE.value),
-      "peak_memory_bytes": compiled_peak_memory(train_compiled),
+      "peak_memory_bytes": compiled_peak_memory(compiled.train_compiled),
       "backend": jax.default_backend(),
       "device": f"{device.platform}:{device.device_kind} x{jax.device_count()}",
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
