@@ -62,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.5
   c.model.zero_init_residual = False
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  # Per-platform kernels (gta_jax/models/backend.py): softmax attention 'auto'
+  # (custom on CPU, cuDNN/XLA on GPU, Pallas/XLA on TPU), 'custom', 'xla',
+  # 'cudnn' or 'pallas'; cpu_kernels=False turns off the XLA:CPU-only kernels.
+  c.model.attention_impl = "auto"
+  c.model.cpu_kernels = True
+  c.model.bn_group_size = 0  # BN statistics over groups of N clips; 0: global
   c.model.temporal_modules = ""  # comma-separated; '' is TSN
   c.model.pretrained = ""  # path to ImageNet weights (.pth, .safetensors, .npz)
   c.model.pretrained_inflation = "mean"  # 2D->3D kernels: 'mean' (I3D) or 'center'

@@ -1,13 +1,16 @@
-"""`gta_jax.models.attention.attend` against softmax attention differentiated by JAX."""
+"""`gta_jax.models.attention.attend`, in each implementation, against an einsum
+softmax attention differentiated by JAX in float64; the backend policy's choices."""
 
 import functools
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gta_jax.models import attention
+from gta_jax.models import backend
 
 
 def reference(query, key, value, scale):
@@ -15,25 +18,60 @@ def reference(query, key, value, scale):
   return jnp.einsum("nqk,nkv->nqv", jax.nn.softmax(logits, axis=-1), value)
 
 
-@pytest.mark.parametrize("save_probs", [False, True])
-@pytest.mark.parametrize("lq,lk,d,dv,scale", [(7, 5, 4, 3, None), (6, 6, 8, 8, 1.0),
-                                             (3, 9, 16, 2, 0.3)])
-def test_value_and_gradients_match_autodiff_in_float64(lq, lk, d, dv, scale, save_probs):
+def check_against_float64_reference(attend, lq, lk, d, dv, scale, batch=2):
+  """`attend(q, k, v)` and its gradients, in float32, equal the reference's to 1e-5."""
   rng = np.random.default_rng(0)
-  q, k = (rng.standard_normal((2, n, d)) for n in (lq, lk))
-  v = rng.standard_normal((2, lk, dv))
-  cotangent = rng.standard_normal((2, lq, dv))
+  q, k = (rng.standard_normal((batch, n, d)) for n in (lq, lk))
+  v = rng.standard_normal((batch, lk, dv))
+  cotangent = rng.standard_normal((batch, lq, dv))
   expected_scale = scale if scale is not None else 1 / np.sqrt(d)
   with jax.enable_x64(True):
     expected, vjp = jax.vjp(lambda *a: reference(*a, expected_scale),
                             *map(jnp.asarray, (q, k, v)))
     expected_grads = vjp(jnp.asarray(cotangent))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  out, vjp = jax.vjp(lambda *a: attention.attend(*a, scale=scale, save_probs=save_probs),
-                     f32(q), f32(k), f32(v))
+  out, vjp = jax.vjp(attend, f32(q), f32(k), f32(v))
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   for grad, want, name in zip(vjp(f32(cotangent)), expected_grads, "qkv"):
-    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+SHAPES = [(7, 5, 4, 4, None), (6, 6, 8, 8, 1.0), (3, 9, 16, 16, 0.3)]
+
+
+@pytest.mark.parametrize("save_probs", [False, True])
+@pytest.mark.parametrize("lq,lk,d,dv,scale", SHAPES + [(7, 5, 4, 3, None),
+                                                      (3, 9, 16, 2, 0.3)])
+def test_custom_value_and_gradients_match_the_reference(lq, lk, d, dv, scale, save_probs):
+  check_against_float64_reference(
+      functools.partial(attention.attend, scale=scale, save_probs=save_probs,
+                        implementation="custom"), lq, lk, d, dv, scale)
+
+
+@pytest.mark.parametrize("lq,lk,d,dv,scale", SHAPES)
+def test_xla_value_and_gradients_match_the_reference(lq, lk, d, dv, scale):
+  check_against_float64_reference(
+      functools.partial(attention.attend, scale=scale, implementation="xla"),
+      lq, lk, d, dv, scale)
+
+
+def test_pallas_flash_attention_matches_the_reference_in_interpret_mode():
+  # The TPU kernel, run by the Pallas interpreter on this CPU; lengths are
+  # multiples of its 128-block.
+  attend = functools.partial(attention.attend, scale=1.0, implementation="pallas")
+  with pltpu.force_tpu_interpret_mode():
+    check_against_float64_reference(attend, 128, 256, 8, 8, 1.0, batch=1)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="cuDNN attention runs on a GPU only (benchmarks/device_check.py "
+                           "runs this test there)")
+def test_cudnn_matches_the_reference_in_bfloat16():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 64)), jnp.bfloat16) for _ in range(3))
+  out = attention.attend(q, k, v, implementation="cudnn")
+  want = reference(*(a.astype(jnp.float32) for a in (q, k, v)), 1 / 8)
+  np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-2)
 
 
 @pytest.mark.parametrize("save_probs", [False, True])
@@ -75,3 +113,59 @@ def test_saving_the_softmax_keeps_it_for_the_backward_pass():
     _, vjp = jax.vjp(functools.partial(attention.attend, save_probs=save_probs), q, k, v)
     shapes = [leaf.shape for leaf in jax.tree.leaves(vjp)]
     assert ((2, 12, 12) in shapes) == has_scores, shapes
+
+
+# -- the backend policy ------------------------------------------------------------
+
+
+def choose(platform, impl="auto", dtype=jnp.bfloat16, head=64, lq=4096, lk=4096):
+  return backend.attention_impl(dtype, head, lq, lk,
+                                backend.Policy(platform, attention_impl=impl))
+
+
+def test_auto_takes_each_platforms_implementation():
+  assert choose("cpu") == "custom"
+  assert choose("gpu") == "cudnn"
+  assert choose("gpu", dtype=jnp.float32) == "xla"  # cuDNN: bf16/fp16 only
+  assert choose("gpu", head=256) == "xla"  # head size above 128
+  assert choose("gpu", head=60) == "xla"  # not a multiple of 8
+  assert choose("tpu", lq=8 * 28 * 28, lk=8 * 28 * 28) == "pallas"  # 3D Non-local
+  assert choose("tpu", lq=784, lk=784) == "xla"  # short: XLA's scores are small
+  assert choose("tpu", lq=4100, lk=4100) == "xla"  # not a multiple of 128
+
+
+def test_forced_implementations():
+  for platform in backend.PLATFORMS:
+    assert choose(platform, "custom") == "custom"
+    assert choose(platform, "xla") == "xla"
+  assert choose("gpu", "cudnn", dtype=jnp.float32) == "xla"
+  assert choose("tpu", "pallas", lq=256, lk=128) == "pallas"
+  for platform, impl in (("cpu", "cudnn"), ("tpu", "cudnn"), ("gpu", "pallas")):
+    with pytest.raises(ValueError, match=f"attention_impl='{impl}' needs a"):
+      choose(platform, impl)
+
+
+def test_the_policy_follows_the_forced_platform_and_the_options():
+  assert backend.current() == backend.Policy(jax.default_backend())
+  with backend.force_platform("tpu"), backend.options("xla", cpu_kernels=False):
+    assert backend.current() == backend.Policy("tpu", "xla", False)
+  with backend.force_platform("gpu"):
+    assert not backend.current().use_cpu_kernels
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    with backend.options("flash"):
+      pass
+
+
+def test_unscaled_logits_are_computed_at_highest_precision():
+  # The logits matmul's precision in each implementation's jaxpr (the backward
+  # pass included): HIGHEST for scale 1, the default for 1/sqrt(d).
+  q = jnp.ones((1, 8, 8))
+
+  def precisions(impl, scale):
+    loss = lambda q: attention.attend(q, q, q, scale=scale, implementation=impl).sum()
+    text = str(jax.make_jaxpr(jax.grad(loss))(q))
+    return text.count("Precision.HIGHEST")
+
+  for impl in ("custom", "xla"):
+    assert precisions(impl, None) == 0, impl
+    assert precisions(impl, 1.0) > 0, impl

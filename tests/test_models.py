@@ -11,6 +11,7 @@ import pytest
 from gta_jax import config_lib
 from gta_jax.models import baselines
 from gta_jax.models import build_model
+from gta_jax.models import cpu_kernels
 from gta_jax.models import hooks
 from gta_jax.models import resnet
 
@@ -262,7 +263,7 @@ def test_pointwise_convolution_matches_lax_in_value_and_gradients(cin, cout, str
            dimension_numbers=dims, precision=jax.lax.Precision.HIGHEST)
     return y.reshape(x.shape[:2] + y.shape[1:])
 
-  out, vjp = jax.vjp(functools.partial(conv, resnet.conv_or_matmul), x, w)
+  out, vjp = jax.vjp(functools.partial(conv, cpu_kernels.conv_or_matmul), x, w)
   expected, expected_vjp = jax.vjp(functools.partial(conv, jax.lax.conv_general_dilated), x, w)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
@@ -291,12 +292,12 @@ def test_max_pool_matches_flax_and_a_numpy_gradient(size, stride, pad, hw):
   rng = np.random.default_rng(0)
   # Rounded ReLU outputs: many ties, which must all go to the window's first maximum.
   x = np.maximum(np.round(rng.standard_normal((2,) + hw + (3,)), 1), 0).astype(np.float32)
-  out = resnet.max_pool(jnp.asarray(x), size, stride, pad)
+  out = cpu_kernels.max_pool(jnp.asarray(x), size, stride, pad)
   reference = flax.linen.max_pool(jnp.asarray(x), (size, size), (stride, stride),
                                   ((pad, pad), (pad, pad)))
   np.testing.assert_array_equal(out, reference)
   grad = rng.standard_normal(out.shape).astype(np.float32)
-  dx = jax.grad(lambda v: jnp.sum(resnet.max_pool(v, size, stride, pad) * grad))(
+  dx = jax.grad(lambda v: jnp.sum(cpu_kernels.max_pool(v, size, stride, pad) * grad))(
       jnp.asarray(x))
   np.testing.assert_allclose(dx, numpy_max_pool_grad(x, grad, size, stride, pad),
                              rtol=1e-6, atol=1e-6)

@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 import jax.numpy as jnp
 import ml_collections
 
+from gta_jax.models import backend
 from gta_jax.models import baselines
 from gta_jax.models import gta
 from gta_jax.models import hooks
@@ -103,6 +104,10 @@ def build_model(config: ml_collections.ConfigDict) -> resnet.VideoResNet:
   if not isinstance(m.num_classes, int) or m.num_classes < 1:
     raise ValueError(f"config.model.num_classes must be a positive int, got "
                      f"{m.num_classes!r}")
+  backend.check_attention_impl(m.attention_impl)
+  if not isinstance(m.bn_group_size, int) or m.bn_group_size < 0:
+    raise ValueError("config.model.bn_group_size must be an int >= 0 (0: statistics "
+                     f"over the whole batch), got {m.bn_group_size!r}")
   sizes = stage_sizes(m)
   inflated = ()
   if arch == "resnet3d":
@@ -122,7 +127,10 @@ def build_model(config: ml_collections.ConfigDict) -> resnet.VideoResNet:
       dropout_rate=m.dropout_rate,
       zero_init_residual=m.zero_init_residual,
       hooks=build_hooks(m, sizes, dtype),
-      dtype=dtype)
+      dtype=dtype,
+      attention_impl=m.attention_impl,
+      cpu_kernels=m.cpu_kernels,
+      bn_group_size=m.bn_group_size)
 
 
 def without_loops(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -19,14 +19,23 @@ Temporal modules attach to blocks at three hook points:
 
 Every hook module is called as `module(x, train=...)` on `(B, T, H, W, C)` and
 returns the same shape.
+
+While the network is traced it puts its backend options (`backend.options`:
+attention implementation, XLA:CPU kernels) and its BatchNorm group size
+(:func:`bn_groups`) in force for every layer, temporal modules included.
 """
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Iterator, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gta_jax.models import backend
+from gta_jax.models import cpu_kernels
 
 ModuleDef = Any
 HookKey = Tuple[int, int, str]  # (stage, block, 'pre' | 'inner' | 'post')
@@ -35,121 +44,24 @@ HOOK_POSITIONS = ("pre", "inner", "post")
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-
-def conv_or_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
-                   **kwargs) -> jax.Array:
-  """`lax.conv_general_dilated`, with 1x1 kernels as a strided slice and a matmul.
-
-  Same maths, same parameters; XLA:CPU runs the gradients of a 1x1 convolution
-  about 2x slower than those of the equivalent matmul (benchmarks/README.md).
-  Other kernels, and layouts other than channels-last, go to the convolution.
-  """
-  unit = lambda v: v is None or all(i == 1 for i in v)
-  dims = kwargs.get("dimension_numbers")
-  channels_last = (dims is not None and dims.lhs_spec[1] == lhs.ndim - 1
-                   and dims.out_spec[1] == lhs.ndim - 1)
-  pointwise = (channels_last and unit(rhs.shape[:-2]) and not isinstance(padding, str)
-               and all(tuple(p) == (0, 0) for p in padding)
-               and kwargs.get("feature_group_count", 1) == 1
-               and unit(kwargs.get("lhs_dilation")) and unit(kwargs.get("rhs_dilation")))
-  if not pointwise:
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-  lhs = lhs[(slice(None),) + tuple(slice(None, None, s) for s in window_strides)]
-  return pointwise_matmul(lhs, rhs.reshape(rhs.shape[-2:]), kwargs.get("precision"))
+_BN_GROUP_SIZE: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "gta_jax_bn_group_size", default=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def pointwise_matmul(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:
-  """`x @ w` for `x: (..., Cin)`, `w: (Cin, Cout)`: a 1x1 convolution.
-
-  Its weight gradient `x^T dy` contracts over every position, and XLA:CPU's matmul
-  takes that operand transposed, a copy of a whole activation. Left to itself XLA
-  transposes `dy`; this transposes the narrower of `x` and `dy` (e.g. the 64-channel
-  input of a bottleneck's last conv rather than its 256-channel output), which
-  made the ResNet-50 train step 9% faster (benchmarks/README.md).
-  """
-  return jnp.matmul(x, w, precision=precision)
+def conv_general_dilated(*args, **kwargs) -> jax.Array:
+  """`lax.conv_general_dilated`, or on CPU its XLA:CPU kernel for 1x1 kernels."""
+  if backend.current().use_cpu_kernels:
+    return cpu_kernels.conv_or_matmul(*args, **kwargs)
+  return jax.lax.conv_general_dilated(*args, **kwargs)
 
 
-def _pointwise_matmul_fwd(x, w, precision):
-  return jnp.matmul(x, w, precision=precision), (x, w)
-
-
-def _pointwise_matmul_bwd(precision, residuals, dy):
-  x, w = residuals
-  dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
-  x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if x.shape[1] <= dy.shape[1]:
-    dw = jnp.matmul(x.T, dy, precision=precision)
-  else:
-    dw = jnp.matmul(dy.T, x, precision=precision).T
-  return dx, dw
-
-
-pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
-
-
-def _pool_taps(x: jax.Array, size: int, stride: int, pad: int):
-  """The `size * size` strided views of the -inf-padded x whose maximum is the pool."""
-  h, w = x.shape[-3:-1]
-  out_h, out_w = (h + 2 * pad - size) // stride + 1, (w + 2 * pad - size) // stride + 1
-  x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)],
-              constant_values=-jnp.inf)
-  return [x[..., i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-          for i in range(size) for j in range(size)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, size: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
-  """Spatial max-pooling of `(..., H, W, C)` over `size x size` windows.
-
-  The same values as `nn.max_pool(x, (size, size), (stride, stride), pad)`, with the
-  gradient going to the first maximum of each window in row-major order (PyTorch's
-  choice). The gradient is written by hand: XLA:CPU runs the generic one of
-  `reduce_window` (a variadic reduction over index arrays, then a scatter) about
-  10x slower than this one, which keeps the argmax of each window as an int8.
-
-  Args:
-    x: `(..., H, W, C)`.
-    size: window side.
-    stride: step between windows.
-    pad: -inf padding on each side of H and W.
-
-  Returns:
-    `(..., H', W', C)` with `H' = (H + 2 pad - size) // stride + 1`, likewise W'.
-  """
-  return _max_pool_fwd(x, size, stride, pad)[0]
-
-
-def _max_pool_fwd(x, size, stride, pad):
-  taps = _pool_taps(x, size, stride, pad)
-  out, argmax = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
-  for index, tap in enumerate(taps[1:], start=1):
-    larger = tap > out
-    out = jnp.where(larger, tap, out)
-    argmax = jnp.where(larger, jnp.int8(index), argmax)
-  return out, (argmax, x.shape)
-
-
-def _max_pool_bwd(size, stride, pad, residuals, grad):
-  """Scatters each window's gradient to its argmax: one interior-padded add per tap."""
-  argmax, shape = residuals
-  padded_h, padded_w = shape[-3] + 2 * pad, shape[-2] + 2 * pad
-  out_h, out_w = grad.shape[-3:-1]
-  zero = jnp.zeros((), grad.dtype)
-  dx = None
-  for index in range(size * size):
-    i, j = divmod(index, size)
-    config = [(0, 0, 0)] * (grad.ndim - 3) + [
-        (i, padded_h - i - stride * (out_h - 1) - 1, stride - 1),
-        (j, padded_w - j - stride * (out_w - 1) - 1, stride - 1),
-        (0, 0, 0)]
-    tap_grad = jax.lax.pad(jnp.where(argmax == index, grad, zero), zero, config)
-    dx = tap_grad if dx is None else dx + tap_grad
-  return (dx[..., pad:padded_h - pad, pad:padded_w - pad, :],)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+  """Spatial max-pooling of `(..., H, W, C)`; on CPU, the XLA:CPU kernel."""
+  if backend.current().use_cpu_kernels:
+    return cpu_kernels.max_pool(x, size, stride, pad)
+  y = nn.max_pool(x.reshape((-1,) + x.shape[-3:]), (size, size), (stride, stride),
+                  ((pad, pad), (pad, pad)))
+  return y.reshape(x.shape[:-3] + y.shape[1:])
 
 
 class VideoConv(nn.Module):
@@ -178,15 +90,88 @@ class VideoConv(nn.Module):
     padding = tuple((k // 2, k // 2) for k in kernel)
     return nn.Conv(self.features, kernel, strides, padding=padding, use_bias=False,
                    dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=conv_kernel_init, conv_general_dilated=conv_or_matmul,
+                   kernel_init=conv_kernel_init, conv_general_dilated=conv_general_dilated,
                    name="conv")(x)
 
 
+@contextlib.contextmanager
+def bn_groups(group_size: int) -> Iterator[None]:
+  """BatchNorms built in this block (:func:`batch_norm`) normalise in training
+  over groups of `group_size` examples; 0: over the whole batch."""
+  token = _BN_GROUP_SIZE.set(group_size)
+  try:
+    yield
+  finally:
+    _BN_GROUP_SIZE.reset(token)
+
+
 def batch_norm(train: bool, dtype: Any, **kwargs) -> ModuleDef:
-  """BatchNorm with PyTorch's defaults (momentum 0.1 in its terms, eps 1e-5)."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train,
-                           momentum=0.9, epsilon=1e-5, dtype=dtype,
-                           param_dtype=jnp.float32, **kwargs)
+  """BatchNorm with PyTorch's defaults (momentum 0.1 in its terms, eps 1e-5).
+
+  Statistics and normalisation are float32 whatever `dtype`; in training they
+  are over the whole batch (`nn.BatchNorm`; under `jit` a sharded batch's
+  statistics are reduced over all devices) or, under :func:`bn_groups`, over
+  groups of examples (:class:`GroupBatchNorm`).
+  """
+  common = dict(momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                **kwargs)
+  group_size = _BN_GROUP_SIZE.get()
+  if train and group_size:
+    return functools.partial(GroupBatchNorm, group_size, **common)
+  return functools.partial(nn.BatchNorm, use_running_average=not train, **common)
+
+
+class GroupBatchNorm(nn.Module):
+  """Training-mode BatchNorm over groups of `group_size` consecutive examples.
+
+  The per-GPU BatchNorm of the PyTorch recipes, where each GPU normalises its
+  own share of the batch, made independent of the device count: the batch
+  `(B, ...)` is split into `B / group_size` groups, each normalised with its
+  own float32 mean and (biased) variance over `(group_size, ...)`, and the
+  running statistics move towards their average over the groups. Variables,
+  initialisers and the update rule are those of `nn.BatchNorm`
+  (`ra = momentum * ra + (1 - momentum) * batch value`), so checkpoints and
+  evaluation (which uses the running statistics) are the same as with it.
+
+  Attributes:
+    group_size: examples per group; must divide the batch.
+    momentum: of the running statistics.
+    epsilon: added to the variance.
+    dtype: output dtype.
+    param_dtype: dtype of `scale` and `bias`.
+    scale_init: initialiser of `scale`.
+    bias_init: initialiser of `bias`.
+  """
+  group_size: int
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, c = x.shape[0], x.shape[-1]
+    if b % self.group_size:
+      raise ValueError(f"config.model.bn_group_size={self.group_size} does not divide "
+                       f"the batch of {b} examples (shape {x.shape})")
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+
+    groups = x.reshape((b // self.group_size, self.group_size) + x.shape[1:])
+    axes = tuple(range(1, groups.ndim - 1))
+    mean = jnp.mean(groups, axes, dtype=jnp.float32, keepdims=True)
+    mean_sq = jnp.mean(jnp.square(groups.astype(jnp.float32)), axes, keepdims=True)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    if not self.is_initializing():
+      for ra, value in ((ra_mean, mean), (ra_var, var)):
+        group_average = value.reshape(-1, c).mean(axis=0)
+        ra.value = self.momentum * ra.value + (1 - self.momentum) * group_average
+    y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -287,6 +272,10 @@ class VideoResNet(nn.Module):
     zero_init_residual: zero-initialise the last BN of each block.
     hooks: `((stage, block, position), factory)` pairs of temporal modules.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
+    attention_impl: `backend.ATTENTION_IMPLS`; `auto` chooses per platform.
+    cpu_kernels: use the XLA:CPU kernels (`cpu_kernels.py`) on CPU.
+    bn_group_size: BatchNorm statistics in training over groups of this many
+      clips; 0: over the whole (global) batch.
   """
   stage_sizes: Sequence[int]
   num_classes: int
@@ -302,6 +291,9 @@ class VideoResNet(nn.Module):
   zero_init_residual: bool = False
   hooks: Tuple[Tuple[HookKey, Callable[..., nn.Module]], ...] = ()
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+  cpu_kernels: bool = True
+  bn_group_size: int = 0
 
   def check_input(self, video: jax.Array) -> None:
     """Raises a ValueError naming the shape when the clip cannot be taken."""
@@ -316,9 +308,15 @@ class VideoResNet(nn.Module):
       raise ValueError(f"frames of {video.shape[2:4]} are too small for this "
                        f"backbone: at least {min_size}x{min_size}")
 
-  @nn.compact
   def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
     self.check_input(video)
+    with backend.options(self.attention_impl, self.cpu_kernels), \
+        bn_groups(self.bn_group_size):
+      return self.network(video, train)
+
+  @nn.compact
+  def network(self, video: jax.Array, train: bool) -> jax.Array:
+    """The layers, in this model's backend options and BatchNorm groups."""
     hooks = {}
     for (stage, block, position), factory in self.hooks:
       hooks.setdefault((stage, block), []).append((position, factory))

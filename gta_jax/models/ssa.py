@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gta_jax.models import attention
+from gta_jax.models import backend
 from gta_jax.models import hooks
 from gta_jax.models import resnet
 
@@ -65,10 +66,11 @@ def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Eq. 6 on `(N, HW, C)` frames: `softmax(q k^T) v [+ v softmax(q^T k)^T]`."""
   out = attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
   if channel_branch:
-    # Channels as tokens, positions as features: (N, C, HW). In float32: XLA:CPU
-    # has no bf16 x bf16 -> f32 dot for this transposed layout, and the C x C
-    # branch is cheap next to the HW x HW one.
-    to_channels = lambda a: jnp.swapaxes(a, 1, 2).astype(jnp.float32)
+    # Channels as tokens, positions as features: (N, C, HW). On CPU in float32:
+    # XLA:CPU has no bf16 x bf16 -> f32 dot for this transposed layout, and the
+    # C x C branch is cheap next to the HW x HW one.
+    dtype = jnp.float32 if backend.current().use_cpu_kernels else q.dtype
+    to_channels = lambda a: jnp.swapaxes(a, 1, 2).astype(dtype)
     out = out + to_channels(attention.attend(
         to_channels(q), to_channels(k), to_channels(v), scale=_scale(scale),
         save_probs=save_probs)
