@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gta_jax import config_lib
+from gta_jax.models import attention
 from gta_jax.models import gta
 from gta_jax.models import registry
 
@@ -16,8 +17,8 @@ MODES = gta.TEMPORAL_ATTENTIONS
 GRANULARITIES = gta.GRANULARITIES
 
 
-def softmax(a, axis):
-  e = np.exp(a - a.max(axis=axis, keepdims=True))
+def softmax(a, axis, xp=np):
+  e = xp.exp(a - a.max(axis=axis, keepdims=True))
   return e / e.sum(axis=axis, keepdims=True)
 
 
@@ -32,96 +33,152 @@ def perturb(tree, seed, std=0.5):
   return flax.traverse_util.unflatten_dict(out)
 
 
-def head_matrix(kernel, cross_channel):
+def head_matrix(kernel, cross_channel, xp=np):
   """The `(C, C)` matrix a HeadProjection kernel applies; head h owns output
   channels `[h*d, (h+1)*d)`. Split heads give a block-diagonal matrix."""
-  kernel = np.asarray(kernel, np.float64)
   if cross_channel:
     return kernel.reshape(kernel.shape[0], -1)
   n, d, _ = kernel.shape
-  w = np.zeros((n * d, n * d))
-  for h in range(n):
-    w[h * d:(h + 1) * d, h * d:(h + 1) * d] = kernel[h]
-  return w
+  return xp.einsum("hg,hcd->hcgd", xp.eye(n), kernel).reshape(n * d, n * d)
 
 
-def reference_temporal(tokens, p, mode, heads, cross_channel):
-  """Head-wise attention over T of `(B, T, L, C)`, one clip and head at a time."""
+def reference_temporal(tokens, p, sw, xp):
+  """Head-wise attention over T of `(B, T, L, C)` tokens."""
   b, t, l, c = tokens.shape
+  heads = sw["num_heads"]
   d = c // heads
-  v = tokens @ head_matrix(p["value"]["kernel"], cross_channel)
-  out = np.zeros_like(v)
-  for i in range(b):
-    pooled = tokens[i].mean(axis=1)  # (T, C)
-    for h in range(heads):
-      hs = slice(h * d, (h + 1) * d)
-      logits = np.zeros((t, t))
-      if "global" in mode:
-        logits += np.asarray(p["global_logits"][h], np.float64)
-      if "instance" in mode:
-        q = (pooled @ head_matrix(p["query"]["kernel"], cross_channel))[:, hs]
-        k = (pooled @ head_matrix(p["key"]["kernel"], cross_channel))[:, hs]
-        logits += q @ k.T / np.sqrt(d)
-      attn = softmax(logits, axis=-1)
-      for s in range(t):
-        out[i, :, :, hs] += attn[:, s, None, None] * v[i, s, :, hs][None]
-  return out
+  project = lambda a, n: a @ head_matrix(p[n]["kernel"], sw["cross_channel"], xp)
+  v = project(tokens, "value").reshape(b, t, l, heads, d)
+  logits = xp.zeros((b, heads, t, t))
+  if "global" in sw["temporal_attention"]:
+    logits = logits + p["global_logits"][None]
+  if "instance" in sw["temporal_attention"]:
+    pooled = tokens.mean(axis=2)  # (B, T, C)
+    q = project(pooled, "query").reshape(b, t, heads, d)
+    k = project(pooled, "key").reshape(b, t, heads, d)
+    logits = logits + xp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+  if sw["global_norm"] == "signed":
+    attn = logits
+  else:
+    attn = softmax(logits, -1, xp)
+    if sw["global_norm"] == "softmax-identity":
+      attn = attn - xp.eye(t)
+  return xp.einsum("bhts,bslhd->btlhd", attn, v).reshape(b, t, l, c)
 
 
-def reference_gta(x, variables, mode, granularity, heads, cross_channel,
-                  train=False):
-  """The GTA block of DESIGN.md in float64 numpy, frame by frame."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-  stats = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
-  x = np.asarray(x, np.float64)
+DEFAULTS = dict(temporal_attention="global", granularity="both", temporal_input="s",
+                global_norm="softmax", region_norm=False, num_heads=2,
+                cross_channel=True)
+
+
+def reference_gta(x, variables, train=False, xp=np, **switches):
+  """The GTA block of docs/gta.md, written from its equations with einsums.
+
+  `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad`
+  (no custom VJP anywhere on that path).
+  """
+  sw = {**DEFAULTS, **switches}
+  if xp is np:
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+    x = np.asarray(x, np.float64)
+  p, stats = variables["params"], variables["batch_stats"]
   b, t, h, w, c = x.shape
   pixels = x.reshape(b, t, h * w, c)
-  dense = lambda y, q: y @ q["kernel"] + q["bias"]
   inner = p["g"]["kernel"].shape[1]
 
-  s = np.zeros((b, t, h * w, inner))
-  for i in range(b):
-    for f in range(t):
-      q, k, v = (dense(pixels[i, f], p[n]) for n in ("theta", "phi", "g"))
-      s[i, f] = softmax(q @ k.T / np.sqrt(inner), axis=-1) @ v
+  # Spatial attention within each frame (phi has no bias: softmax over keys).
+  q = pixels @ p["theta"]["kernel"] + p["theta"]["bias"]
+  k = pixels @ p["phi"]["kernel"]
+  v = pixels @ p["g"]["kernel"] + p["g"]["bias"]
+  attn = softmax(xp.einsum("btpc,btqc->btpq", q, k) / np.sqrt(inner), -1, xp)
+  u = xp.einsum("btpq,btqc->btpc", attn, v)
+  if sw["temporal_input"] == "s+v":
+    u = u + v
+  elif sw["temporal_input"] == "x+s":
+    u = u + pixels @ p["skip"]["kernel"]
 
-  y = np.zeros_like(s)
-  if granularity in ("pixel", "both"):
-    y += reference_temporal(s, p["pixel_temporal"], mode, heads, cross_channel)
-  if granularity in ("region", "both"):
-    assign = softmax(dense(pixels, p["region_logits"]), axis=2)  # over HW
-    regions = np.einsum("btpk,btpc->btkc", assign, s)
-    regions = reference_temporal(regions, p["region_temporal"], mode, heads,
-                                 cross_channel)
-    y += np.einsum("btpk,btkc->btpc", assign, regions)
+  y = 0.0
+  if sw["granularity"] in ("pixel", "both"):
+    y = y + reference_temporal(u, p["pixel_temporal"], sw, xp)
+  if sw["granularity"] in ("region", "both"):
+    assign = softmax(pixels @ p["region_logits"]["kernel"], 2, xp)  # over HW
+    regions = reference_temporal(xp.einsum("btpk,btpc->btkc", assign, u),
+                                 p["region_temporal"], sw, xp)
+    back = assign / assign.sum(-1, keepdims=True) if sw["region_norm"] else assign
+    y = y + xp.einsum("btpk,btkc->btpc", back, regions)
 
-  z = dense(y, p["out"])
+  z = y @ p["out"]["kernel"]
   mean, var = stats["bn"]["mean"], stats["bn"]["var"]
   if train:  # batch statistics over (B, T, H*W)
     mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
-  z = (z - mean) / np.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+  z = (z - mean) / xp.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
   return x + z.reshape(x.shape)
 
 
 def random_block(shape=(2, 4, 4, 4, 16), seed=0, **kwargs):
   """A GTA block with every variable randomised, its input and variables."""
-  block = gta.GlobalTemporalAttention(**kwargs)
+  block = gta.GlobalTemporalAttention(**{"num_heads": 2, "num_regions": 3, **kwargs})
   x = jax.random.normal(jax.random.PRNGKey(seed), shape)
   variables = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
   return block, x, {k: perturb(v, seed + 1) for k, v in variables.items()}
 
 
-CASES = [(m, g, cc) for m in MODES for g in GRANULARITIES for cc in (True, False)]
+CASES = [dict(temporal_attention=m, granularity=g, cross_channel=cc)
+         for m in MODES for g in GRANULARITIES for cc in (True, False)]
+# Each new switch on, with both branches and the global matrix.
+SWITCHES = [dict(temporal_input="s+v"), dict(temporal_input="x+s"),
+            dict(global_norm="softmax-identity"), dict(global_norm="signed"),
+            dict(region_norm=True),
+            dict(temporal_attention="global+instance", global_norm="softmax-identity",
+                 temporal_input="s+v", region_norm=True, cross_channel=False)]
+case_id = lambda sw: "-".join(f"{k}={v}" for k, v in sw.items())
 
 
-@pytest.mark.parametrize("mode,granularity,cross_channel", CASES)
-def test_block_matches_reference(mode, granularity, cross_channel):
-  block, x, variables = random_block(
-      temporal_attention=mode, granularity=granularity, num_heads=2,
-      num_regions=3, cross_channel=cross_channel)
+@pytest.mark.parametrize("switches", CASES + SWITCHES, ids=case_id)
+def test_block_matches_reference(switches):
+  block, x, variables = random_block(**switches)
   got = block.apply(variables, x)
-  want = reference_gta(x, variables, mode, granularity, 2, cross_channel)
+  want = reference_gta(x, variables, **switches)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_region_norm_matches_a_loop_reference():
+  """The region branch with the scatter-back normalised over K, in numpy loops over
+  clips, frames, regions, heads and pixels."""
+  k_regions, heads = 5, 2
+  block, x, variables = random_block(granularity="region", region_norm=True,
+                                     num_regions=k_regions, num_heads=heads)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  bn = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])["bn"]
+  xs = np.asarray(x, np.float64)
+  b, t, h, w, c = xs.shape
+  inner, d = c // 2, c // 2 // heads
+  value_kernel = p["region_temporal"]["value"]["kernel"].reshape(inner, inner)
+  attn = softmax(p["region_temporal"]["global_logits"], -1)  # (heads, T, T)
+  y = np.zeros((b, t, h * w, inner))
+  for i in range(b):
+    s, m = [], []
+    for f in range(t):
+      pix = xs[i, f].reshape(h * w, c)
+      q = pix @ p["theta"]["kernel"] + p["theta"]["bias"]
+      k = pix @ p["phi"]["kernel"]
+      v = pix @ p["g"]["kernel"] + p["g"]["bias"]
+      s.append(softmax(q @ k.T / np.sqrt(inner), -1) @ v)
+      m.append(softmax(pix @ p["region_logits"]["kernel"], 0))  # (HW, K), over HW
+    values = np.array([[m[f][:, r] @ s[f] for r in range(k_regions)]
+                       for f in range(t)]) @ value_kernel  # (T, K, C')
+    for f in range(t):
+      mixed = np.zeros((k_regions, inner))
+      for head in range(heads):
+        cols = slice(head * d, (head + 1) * d)
+        for other in range(t):
+          mixed[:, cols] += attn[head, f, other] * values[other, :, cols]
+      for pixel in range(h * w):
+        y[i, f, pixel] = (m[f][pixel] / m[f][pixel].sum()) @ mixed
+  z = y @ p["out"]["kernel"]
+  z = (z - bn["mean"]) / np.sqrt(bn["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+  np.testing.assert_allclose(block.apply(variables, x), xs + z.reshape(xs.shape),
+                             atol=1e-5, rtol=1e-5)
 
 
 def test_reduction_heads_and_regions_match_reference():
@@ -130,15 +187,107 @@ def test_reduction_heads_and_regions_match_reference():
       reduction=4)
   assert variables["params"]["g"]["kernel"].shape == (16, 4)
   assert variables["params"]["region_logits"]["kernel"].shape == (16, 5)
-  want = reference_gta(x, variables, "global+instance", "both", 4, True)
+  # The biases a softmax or the output BN would cancel are gone.
+  assert set(variables["params"]["phi"]) == {"kernel"}
+  assert set(variables["params"]["region_logits"]) == {"kernel"}
+  assert set(variables["params"]["out"]) == {"kernel"}
+  want = reference_gta(x, variables, temporal_attention="global+instance",
+                       num_heads=4)
   np.testing.assert_allclose(block.apply(variables, x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_reduction_must_divide_channels():
+  block = gta.GlobalTemporalAttention(reduction=3)
+  with pytest.raises(ValueError, match="reduction 3 does not divide the 16 channels"):
+    jax.eval_shape(block.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 4, 16)))
+
+
 def test_train_mode_uses_batch_statistics():
-  block, x, variables = random_block(seed=4, temporal_attention="global+instance")
+  sw = dict(temporal_attention="global+instance", temporal_input="s+v")
+  block, x, variables = random_block(seed=4, **sw)
   got, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
-  want = reference_gta(x, variables, "global+instance", "both", 8, True, train=True)
+  want = reference_gta(x, variables, train=True, **sw)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def assert_gradients_match(block, x, variables, switches, train=False):
+  """`jax.grad` of the block (through `attention.attend`'s custom VJP) equals
+  `jax.grad` of :func:`reference_gta` in jnp, for every parameter and the input."""
+  target = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+
+  def block_loss(params, x):
+    out = block.apply({**variables, "params": params}, x, train=train,
+                      mutable=["batch_stats"])[0]
+    return jnp.sum((out - target) ** 2)
+
+  def reference_loss(params, x):
+    out = reference_gta(x, {**variables, "params": params}, train=train, xp=jnp,
+                        **switches)
+    return jnp.sum((out - target) ** 2)
+
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  got = jax.jit(jax.grad(block_loss, argnums=(0, 1)))(params, x)
+  want = jax.jit(jax.grad(reference_loss, argnums=(0, 1)))(params, x)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  # float32 rounding is relative to the largest gradients (e.g. g's bias, whose
+  # exact gradient is 0 when rows of A sum to 0, comes out at ~1e-5).
+  overall = max(float(jnp.abs(e).max()) for e in jax.tree.leaves(want))
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree.leaves(want)):
+    atol = 2e-4 * float(jnp.abs(e).max()) + 1e-6 * overall
+    np.testing.assert_allclose(g, e, atol=atol, rtol=1e-3,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# Every branch and every switch value in a few compiled cases.
+GRADIENT_CASES = [
+    dict(temporal_attention="instance", granularity="pixel", cross_channel=False),
+    dict(temporal_input="x+s", global_norm="signed", granularity="region"),
+    SWITCHES[-1],  # global+instance, softmax-identity, s+v, region_norm, grouped
+]
+
+
+@pytest.mark.parametrize("switches", GRADIENT_CASES, ids=case_id)
+def test_gradients_match_reference(switches):
+  """All branches and switches: the gradients of the parameters and the input."""
+  block, x, variables = random_block(seed=5, **switches)
+  assert_gradients_match(block, x, variables, switches)
+
+
+def test_gradients_match_reference_in_train_mode():
+  switches = dict(temporal_attention="global+instance", temporal_input="x+s",
+                  region_norm=True)
+  block, x, variables = random_block(seed=6, **switches)
+  assert_gradients_match(block, x, variables, switches, train=True)
+
+
+def test_gradient_check_catches_a_broken_vjp(monkeypatch):
+  """The gradient test can fail: with a planted bug in the spatial attention's
+  custom VJP (the query's gradient halved; the forward pass is untouched), it
+  reports a mismatch in theta's gradient."""
+  real_attend = attention.attend
+
+  @jax.custom_vjp
+  def broken(q, k, v):
+    return real_attend(q, k, v)
+
+  def fwd(q, k, v):
+    out, vjp = jax.vjp(real_attend, q, k, v)
+    return out, vjp
+
+  def bwd(vjp, d_out):
+    dq, dk, dv = vjp(d_out)
+    return 0.5 * dq, dk, dv
+
+  broken.defvjp(fwd, bwd)
+  monkeypatch.setattr(attention, "attend", lambda q, k, v, **kw: broken(q, k, v))
+  switches = dict(granularity="pixel")
+  block, x, variables = random_block(seed=5, **switches)
+  np.testing.assert_allclose(block.apply(variables, x),
+                             reference_gta(x, variables, **switches),
+                             atol=1e-5, rtol=1e-5)
+  with pytest.raises(AssertionError, match="theta"):
+    assert_gradients_match(block, x, variables, switches)
 
 
 def test_bfloat16_close_to_float32():
@@ -188,7 +337,7 @@ def drop_post(tree):
 
 def test_identity_at_init():
   """At init a GTA model's logits are those of its backbone (same weights)."""
-  config = tiny_config("gta")
+  config = tiny_config("gta", gate_init=0.0)
   model = registry.build_model(config)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 32, 32, 3))
   variables = random_variables(model, x)  # a random backbone, then GTA at init
@@ -224,18 +373,23 @@ def test_frame_order(mode, order_sensitive):
     assert gap <= 1e-5 * max(scale, 1.0)
 
 
-def test_global_attention_maps():
+@pytest.mark.parametrize("global_norm", gta.GLOBAL_NORMS)
+def test_global_attention_maps(global_norm):
   x = jnp.zeros((1, 4, 32, 32, 3))
-  variables = random_variables(registry.build_model(tiny_config("gta")), x)
-  maps = gta.global_attention_maps(variables)
+  config = tiny_config("gta", global_norm=global_norm, placement="res4:0;res5:0")
+  variables = random_variables(registry.build_model(config), x)
+  maps = gta.global_attention_maps(variables, global_norm)
   assert set(maps) == {f"res{s}_block0/post/{b}_temporal"
                        for s in (4, 5) for b in ("pixel", "region")}
   for path, attn in maps.items():
     stage, _, branch = path.split("/")
-    logits = np.asarray(variables["params"][stage]["post"][branch]["global_logits"])
+    logits = np.asarray(variables["params"][stage]["post"][branch]["global_logits"],
+                        np.float64)
+    want = {"softmax": softmax(logits, -1),
+            "softmax-identity": softmax(logits, -1) - np.eye(4),
+            "signed": logits}[global_norm]
     assert attn.shape == (4, 4, 4)
-    np.testing.assert_allclose(attn, softmax(logits.astype(np.float64), -1),
-                               atol=1e-6)
+    np.testing.assert_allclose(attn, want, atol=1e-6)
   instance = registry.build_model(tiny_config("gta", temporal_attention="instance"))
   assert not gta.global_attention_maps(random_variables(instance, x))
 
@@ -257,15 +411,54 @@ def test_global_init_std_sets_the_spread_of_g(std):
     assert 0.85 * std < g.std() < 1.15 * std, g.std()
 
 
+@pytest.mark.parametrize("global_norm,diagonal", [("softmax", np.log(8)),
+                                                  ("signed", 1.0)])
+def test_identity_init_biases_the_diagonal(global_norm, diagonal):
+  """`global_init='identity'`: G is the random init plus a diagonal, log T on
+  softmax logits (the frame itself takes about half its row), 1 when signed."""
+  config = tiny_config("gta", global_init="identity", global_init_std=0.0,
+                       global_norm=global_norm)
+  block = gta.GTA_SPEC.build(config.model.gta, jnp.float32)()
+  variables = jax.jit(block.init)(jax.random.key(0, impl="rbg"),
+                                  jnp.zeros((1, 8, 2, 2, 64)))
+  g = variables["params"]["pixel_temporal"]["global_logits"]
+  np.testing.assert_allclose(g, np.broadcast_to(diagonal * np.eye(8), (4, 8, 8)),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("gate_init", [0.0, 1.0])
+def test_gate_init_is_the_initial_bn_scale(gate_init):
+  block = gta.GTA_SPEC.build(tiny_config("gta", gate_init=gate_init).model.gta,
+                             jnp.float32)()
+  variables = jax.jit(block.init)(jax.random.key(0, impl="rbg"),
+                                  jnp.zeros((1, 8, 2, 2, 64)))
+  np.testing.assert_array_equal(variables["params"]["bn"]["scale"],
+                                np.full(64, gate_init, np.float32))
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("temporal_attention", "local", "config.model.gta.temporal_attention"),
+    ("temporal_input", "x", "config.model.gta.temporal_input"),
+    ("global_norm", "l1", "config.model.gta.global_norm"),
+    ("global_init", "zeros", "config.model.gta.global_init"),
+    ("gate_init", "one", "config.model.gta.gate_init"),
+    ("region_norm", 1, "config.model.gta.region_norm"),
     ("granularity", "frame", "config.model.gta.granularity"),
     ("num_regions", 0, "config.model.gta.num_regions"),
     ("global_init_std", -0.1, "config.model.gta.global_init_std"),
 ])
 def test_bad_config_is_refused(key, value, match):
+  config = tiny_config("gta")
+  with config.unlocked(), config.ignore_type():
+    config.model.gta[key] = value
   with pytest.raises(ValueError, match=match):
-    registry.build_model(tiny_config("gta", **{key: value}))
+    registry.build_model(config)
+
+
+def test_signed_matrix_needs_the_global_mode():
+  with pytest.raises(ValueError, match="global_norm='signed'.*temporal_attention"):
+    registry.build_model(tiny_config("gta", global_norm="signed",
+                                     temporal_attention="global+instance"))
 
 
 def test_heads_must_divide_channels():

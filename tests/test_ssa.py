@@ -1,66 +1,74 @@
 """SSA (SSAN's Separable Self-Attention): the module against an einsum re-derivation
 of Eqs. 6-8 for every switch, frame-order sensitivity, and R50 forward/backward."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gta_jax import config_lib
+from gta_jax.models import attention
 from gta_jax.models import build_model
 from gta_jax.models import ssa
 
 SHAPE = (2, 4, 6, 6, 8)  # (B, T, H, W, C)
 
 
-def _softmax(logits):
-  logits = logits - logits.max(axis=-1, keepdims=True)
-  e = np.exp(logits)
+def _softmax(logits, xp):
+  e = xp.exp(logits - logits.max(axis=-1, keepdims=True))
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def _dense(p, x):
-  return x @ p["kernel"] + p["bias"]
-
-
 def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
-                  temporal_conv=True, scale="none", residual=False, reduction=1,
-                  spatial_chunk=0):
-  """SSA written out from the paper's equations in float64 numpy (eval mode)."""
-  del spatial_chunk  # how the module schedules its work, not what it computes
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  x = np.asarray(x, np.float64)
+                  temporal_kernel=3, temporal_padding="zeros", scale="none",
+                  residual=False, gate_init=0.0, reduction=1, spatial_chunk=0,
+                  save_probs=True, xp=np):
+  """SSA written out from the paper's equations (eval mode, fresh BN statistics).
+
+  `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad` (no
+  custom VJP anywhere on that path).
+  """
+  del spatial_chunk, save_probs, gate_init  # scheduling and init, not the function
+  if xp is np:
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(x, np.float64)
+  p = params
+  dense = lambda q, a: a @ q["kernel"] + q["bias"] if "bias" in q else a @ q["kernel"]
   b, t, h, w, c = x.shape
   d = c // reduction
-  q, k, v = (_dense(p[n], x) for n in ("query", "key", "value"))
+  q, k, v = (dense(p[n], x) for n in ("query", "key", "value"))
   qf, kf, vf = (a.reshape(b, t, h * w, d) for a in (q, k, v))
 
   # Eq. 6: position branch (HW x HW) + channel branch (C x C), per frame.
   s_pos = 1.0 if scale == "none" else d ** -0.5
-  m_s = _softmax(np.einsum("btpc,btqc->btpq", qf, kf) * s_pos)
-  x_hat = np.einsum("btpq,btqc->btpc", m_s, vf)
+  m_s = _softmax(xp.einsum("btpc,btqc->btpq", qf, kf) * s_pos, xp)
+  x_hat = xp.einsum("btpq,btqc->btpc", m_s, vf)
   if channel_branch:
     s_ch = 1.0 if scale == "none" else (h * w) ** -0.5
-    m_c = _softmax(np.einsum("btpi,btpj->btij", qf, kf) * s_ch)
-    x_hat = x_hat + np.einsum("btpj,btij->btpi", vf, m_c)
+    m_c = _softmax(xp.einsum("btpi,btpj->btij", qf, kf) * s_ch, xp)
+    x_hat = x_hat + xp.einsum("btpj,btij->btpi", vf, m_c)
   x_hat = x_hat.reshape(b, t, h, w, d)
 
-  # Eq. 7: a (kt x 1 x 1) conv on x_hat, zero padded in time, gives q^, k^ (, v^).
+  # Eq. 7: a (kt x 1 x 1) conv on x_hat, padded in time, gives q^, k^ (, v^).
   kernel = p["temporal_conv"]["kernel"][:, 0, 0]  # (kt, d, n * d)
   kt = kernel.shape[0]
-  assert kt == (3 if temporal_conv else 1)
-  padded = np.pad(x_hat, [(0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)])
+  assert kt == temporal_kernel
+  mode = {"zeros": "constant", "edge": "edge"}[temporal_padding]
+  padded = xp.pad(x_hat, [(0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)],
+                  mode=mode)
   qkv_hat = p["temporal_conv"]["bias"] + sum(
-      np.einsum("bthwc,cd->bthwd", padded[:, i:i + t], kernel[i]) for i in range(kt))
+      xp.einsum("bthwc,cd->bthwd", padded[:, i:i + t], kernel[i]) for i in range(kt))
   q_hat, k_hat = qkv_hat[..., :d], qkv_hat[..., d:2 * d]
   value = v if shared_value else qkv_hat[..., 2 * d:]
   s_t = 1.0 if scale == "none" else (h * w * d) ** -0.5
-  m_t = _softmax(np.einsum("bthwc,bshwc->bts", q_hat, k_hat) * s_t)
+  m_t = _softmax(xp.einsum("bthwc,bshwc->bts", q_hat, k_hat) * s_t, xp)
   # Eq. 8: the temporal weights mix the (shared) value embedding.
-  y = np.einsum("bts,bshwc->bthwc", m_t, value)
+  y = xp.einsum("bts,bshwc->bthwc", m_t, value)
   if reduction > 1:
-    y = _dense(p["out"], y)
-  if residual:
+    y = dense(p["out"], y)
+  if residual:  # BN with its initial statistics (mean 0, variance 1)
     y = x + y / np.sqrt(1.0 + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
   return y
 
@@ -69,65 +77,102 @@ SWITCHES = [
     {},
     {"channel_branch": False},
     {"shared_value": False},
-    {"temporal_conv": False},
+    {"temporal_kernel": 1},
+    {"temporal_kernel": 5, "temporal_padding": "edge"},
     {"scale": "sqrt_d"},
     {"residual": True},
+    {"residual": True, "reduction": 2, "gate_init": 1.0},
     {"reduction": 2},
-    {"spatial_chunk": 3},  # 8 frames in chunks of 3: the padded path
+    {"spatial_chunk": 3, "save_probs": False},  # 8 frames in chunks of 3: padded
 ]
+switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(
-    f"{k}={v}" for k, v in s.items()) or "paper")
+def init_variables(module, x):
+  """The module's variables, with random BN scales and shifts (a zero scale would
+  hide the branch)."""
+  variables = jax.jit(module.init)(jax.random.key(1), x)
+  if "bn" in variables["params"]:
+    variables["params"]["bn"] = {
+        "scale": jax.random.normal(jax.random.key(2), (SHAPE[-1],)),
+        "bias": jax.random.normal(jax.random.key(3), (SHAPE[-1],))}
+  return variables
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
 def test_matches_einsum_reference(switches):
   x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
   module = ssa.SeparableSelfAttention(**switches)
-  variables = jax.jit(module.init)(jax.random.key(1), x)
-  params = variables["params"]
-  if switches.get("residual"):
-    # The zero-initialised BN scale would hide the branch: give it values.
-    params["bn"]["scale"] = jax.random.normal(jax.random.key(2), (SHAPE[-1],))
-    params["bn"]["bias"] = jax.random.normal(jax.random.key(3), (SHAPE[-1],))
-  out = jax.jit(module.apply)({**variables, "params": params}, x)
+  variables = init_variables(module, x)
+  out = jax.jit(module.apply)(variables, x)
   assert out.shape == x.shape
-  np.testing.assert_allclose(out, reference_ssa(params, x, **switches),
+  np.testing.assert_allclose(out, reference_ssa(variables["params"], x, **switches),
                              atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spatial_chunk,save_probs", [(3, False), (0, True)])
-def test_gradient_matches_reference(spatial_chunk, save_probs):
+def assert_gradients_match(module, switches, x):
+  """`jax.grad` of the module (through `attention.attend`'s custom VJP) equals
+  `jax.grad` of :func:`reference_ssa` in jnp, for every parameter and the input."""
+  variables = init_variables(module, x)
+  target = jax.random.normal(jax.random.key(4), SHAPE)
+  loss = lambda out: jnp.sum((out - target) ** 2)
+  got = jax.jit(jax.grad(lambda p, x: loss(module.apply({**variables, "params": p}, x)),
+                         argnums=(0, 1)))(variables["params"], x)
+  want = jax.jit(jax.grad(
+      lambda p, x: loss(reference_ssa(p, x, xp=jnp, **switches)),
+      argnums=(0, 1)))(variables["params"], x)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  overall = max(float(jnp.abs(e).max()) for e in jax.tree.leaves(want))
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree.leaves(want)):
+    atol = 2e-4 * float(jnp.abs(e).max()) + 1e-6 * overall
+    np.testing.assert_allclose(g, e, atol=atol, rtol=1e-3,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# Every switch is on in one of these, and both memory modes are covered.
+GRADIENT_CASES = [
+    {"scale": "sqrt_d", "spatial_chunk": 3, "save_probs": False},
+    {"scale": "sqrt_d", "shared_value": False, "temporal_kernel": 5,
+     "temporal_padding": "edge", "residual": True, "reduction": 2, "gate_init": 1.0},
+    {"scale": "sqrt_d", "channel_branch": False, "temporal_kernel": 1,
+     "residual": True},
+]
+
+
+@pytest.mark.parametrize("switches", GRADIENT_CASES, ids=switch_id)
+def test_gradient_matches_reference(switches):
   """The backward pass, chunked (softmax recomputed) or in one piece with the
   softmax kept, through `attend`'s own gradient, gives the reference's."""
   x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
-  module = ssa.SeparableSelfAttention(scale="sqrt_d", spatial_chunk=spatial_chunk,
-                                      save_probs=save_probs)
-  params = jax.jit(module.init)(jax.random.key(1), x)["params"]
-  target = jax.random.normal(jax.random.key(2), SHAPE)
+  assert_gradients_match(ssa.SeparableSelfAttention(**switches), switches, x)
 
-  def reference_jnp(p):
-    # Eqs. 6-8 (paper switches, sqrt_d scaling) transcribed in jnp for autodiff.
-    b, t, h, w, c = SHAPE
-    q, k, v = (x @ p[n]["kernel"] + p[n]["bias"] for n in ("query", "key", "value"))
-    qf, kf, vf = (a.reshape(b, t, h * w, c) for a in (q, k, v))
-    m_s = jax.nn.softmax(jnp.einsum("btpc,btqc->btpq", qf, kf) / np.sqrt(c))
-    m_c = jax.nn.softmax(jnp.einsum("btpi,btpj->btij", qf, kf) / np.sqrt(h * w))
-    x_hat = (jnp.einsum("btpq,btqc->btpc", m_s, vf)
-             + jnp.einsum("btpj,btij->btpi", vf, m_c)).reshape(b, t, h, w, c)
-    kernel = p["temporal_conv"]["kernel"][:, 0, 0]
-    padded = jnp.pad(x_hat, [(0, 0), (1, 1), (0, 0), (0, 0), (0, 0)])
-    qk = p["temporal_conv"]["bias"] + sum(
-        jnp.einsum("bthwc,cd->bthwd", padded[:, i:i + t], kernel[i]) for i in range(3))
-    m_t = jax.nn.softmax(jnp.einsum("bthwc,bshwc->bts", qk[..., :c], qk[..., c:])
-                         / np.sqrt(h * w * c))
-    return jnp.einsum("bts,bshwc->bthwc", m_t, v)
 
-  loss = lambda out: jnp.sum((out - target) ** 2)
-  grads = jax.jit(jax.grad(lambda p: loss(module.apply({"params": p}, x))))(params)
-  expected = jax.jit(jax.grad(lambda p: loss(reference_jnp(p))))(params)
-  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads),
-                          jax.tree.leaves(expected)):
-    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4,
-                               err_msg=jax.tree_util.keystr(path))
+def test_gradient_check_catches_a_broken_vjp(monkeypatch):
+  """The gradient test can fail: with a planted bug in `attend`'s custom VJP (the
+  key's gradient doubled; the forward pass is untouched), the query and key
+  kernels' gradients no longer match."""
+  real_attend = attention.attend
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def broken(q, k, v, scale):
+    return real_attend(q, k, v, scale=scale)
+
+  def fwd(q, k, v, scale):
+    return jax.vjp(lambda *a: real_attend(*a, scale=scale), q, k, v)
+
+  def bwd(scale, vjp, d_out):
+    del scale
+    dq, dk, dv = vjp(d_out)
+    return dq, 2.0 * dk, dv
+
+  broken.defvjp(fwd, bwd)
+  monkeypatch.setattr(attention, "attend",
+                      lambda q, k, v, scale=None, **kw: broken(q, k, v, scale))
+  switches = GRADIENT_CASES[0]
+  x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
+  with pytest.raises(AssertionError, match="query|key"):
+    assert_gradients_match(ssa.SeparableSelfAttention(**switches), switches, x)
 
 
 def test_residual_is_identity_at_init():
@@ -142,7 +187,7 @@ def test_one_by_one_temporal_conv_is_blind_to_frame_order():
   so reversing the clip reverses the output: TSN's consensus then cannot tell."""
   x = jax.random.normal(jax.random.key(0), SHAPE)
   for temporal_conv in (False, True):
-    module = ssa.SeparableSelfAttention(temporal_conv=temporal_conv)
+    module = ssa.SeparableSelfAttention(temporal_kernel=3 if temporal_conv else 1)
     variables = jax.jit(module.init)(jax.random.key(1), x)
     apply = jax.jit(module.apply)
     gap = float(jnp.max(jnp.abs(apply(variables, x[:, ::-1])[:, ::-1]
@@ -168,7 +213,17 @@ def test_bad_config_names_the_key():
   with pytest.raises(ValueError, match="config.model.ssa.save_probs.*spatial_chunk=0"):
     build_model(config)
   config.model.ssa.spatial_chunk = 0
+  for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap")):
+    good = config.model.ssa[key]
+    config.model.ssa[key] = bad
+    with pytest.raises(ValueError, match=f"config.model.ssa.{key}"):
+      build_model(config)
+    config.model.ssa[key] = good
   build_model(config)
+  with config.ignore_type():
+    config.model.ssa.gate_init = "one"
+  with pytest.raises(ValueError, match="config.model.ssa.gate_init"):
+    build_model(config)
 
 
 @pytest.mark.parametrize("num_frames", [8, 16])

@@ -16,7 +16,7 @@ reversed clip (tested).
 """
 
 import functools
-from typing import Any
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,6 @@ import ml_collections
 
 from gta_jax.models import attention
 from gta_jax.models import hooks
-from gta_jax.models import resnet
 
 NONLOCAL_KINDS = ("3d", "2d", "1d", "2d+1d")
 
@@ -53,12 +52,51 @@ class TemporalShift(nn.Module):
     return temporal_shift(x, self.fold_div)
 
 
+def embedded_gaussian(x: jax.Array, inner: int, *, kind: str, scaled: bool,
+                      dtype: Any) -> Tuple[jax.Array, jax.Array]:
+  """Embedded-Gaussian attention `softmax(theta(x) phi(x)^T) g(x)` on `(B, T, H, W, C)`.
+
+  Called inside a module's compact method, it creates that module's 1x1 convs
+  `theta`, `phi` (no bias: the softmax over keys cancels it) and `g`, all
+  `C -> inner`. Shared by :class:`NonLocal` and GTA's spatial step.
+
+  Args:
+    x: `(B, T, H, W, C)`.
+    inner: channels of the embeddings.
+    kind: which positions attend to each other: `3d` (the whole clip), `2d` (a
+      frame) or `1d` (a pixel's frames).
+    scaled: divide the logits by `sqrt(inner)`.
+    dtype: compute dtype; parameters are float32.
+
+  Returns:
+    The attention's output and the value `g(x)`, both `(B, T, H, W, inner)`.
+  """
+  b, t, h, w, _ = x.shape
+  dense = functools.partial(nn.Dense, inner, dtype=dtype, param_dtype=jnp.float32)
+  theta, g = dense(name="theta")(x), dense(name="g")(x)
+  phi = dense(use_bias=False, name="phi")(x)
+  if kind == "3d":
+    to_tokens = lambda y: y.reshape(b, t * h * w, inner)
+  elif kind == "2d":
+    to_tokens = lambda y: y.reshape(b * t, h * w, inner)
+  elif kind == "1d":
+    to_tokens = lambda y: y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, inner)
+  else:
+    raise ValueError(f"NonLocal kind must be one of {NONLOCAL_KINDS[:3]}, "
+                     f"got {kind!r}")
+  y = attention.attend(to_tokens(theta), to_tokens(phi), to_tokens(g),
+                       scale=None if scaled else 1.0)
+  if kind == "1d":
+    y = y.reshape(b, h, w, t, inner).transpose(0, 3, 1, 2, 4)
+  return y.reshape(b, t, h, w, inner), g
+
+
 class NonLocal(nn.Module):
   """Embedded-Gaussian Non-local block on `(B, T, H, W, C)`, residual.
 
   `y = x + BN(W_z softmax(theta(x) phi(x)^T) g(x))` with 1x1x1 projections to
   `C // reduction` channels, the softmax over the positions `kind` selects, and the
-  BN's scale initialised to zero.
+  BN's scale initialised to zero (:func:`hooks.residual_tail`).
 
   Attributes:
     kind: `3d` (space-time), `2d` (space, per frame) or `1d` (time, per pixel).
@@ -73,30 +111,9 @@ class NonLocal(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    b, t, h, w, c = x.shape
-    inner = c // self.reduction
-    dense = functools.partial(nn.Dense, inner, dtype=self.dtype,
-                              param_dtype=jnp.float32)
-    theta, phi, g = (dense(name=n)(x) for n in ("theta", "phi", "g"))
-
-    if self.kind == "3d":
-      to_tokens = lambda y: y.reshape(b, t * h * w, inner)
-    elif self.kind == "2d":
-      to_tokens = lambda y: y.reshape(b * t, h * w, inner)
-    elif self.kind == "1d":
-      to_tokens = lambda y: y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, inner)
-    else:
-      raise ValueError(f"NonLocal kind must be one of {NONLOCAL_KINDS[:3]}, "
-                       f"got {self.kind!r}")
-    y = attention.attend(to_tokens(theta), to_tokens(phi), to_tokens(g),
-                         scale=None if self.scaled else 1.0)
-    if self.kind == "1d":
-      y = y.reshape(b, h, w, t, inner).transpose(0, 3, 1, 2, 4)
-    y = y.reshape(b, t, h, w, inner)
-    y = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name="out")(y)
-    y = resnet.batch_norm(train, self.dtype, scale_init=nn.initializers.zeros)(
-        name="bn")(y)
-    return x + y
+    y, _ = embedded_gaussian(x, x.shape[-1] // self.reduction, kind=self.kind,
+                             scaled=self.scaled, dtype=self.dtype)
+    return hooks.residual_tail(x, y, train=train, dtype=self.dtype)
 
 
 class NonLocal2D1D(nn.Module):
@@ -108,8 +125,8 @@ class NonLocal2D1D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for kind in ("2d", "1d"):
-      x = NonLocal(kind, self.reduction, self.scaled, self.dtype,
-                   name=f"nonlocal_{kind}")(x, train=train)
+      x = NonLocal(kind=kind, reduction=self.reduction, scaled=self.scaled,
+                   dtype=self.dtype, name=f"nonlocal_{kind}")(x, train=train)
     return x
 
 
@@ -128,13 +145,15 @@ def _build_nonlocal(cfg: ml_collections.ConfigDict, dtype: Any):
     raise ValueError(f"config.model.nl.kind must be one of {NONLOCAL_KINDS}, "
                      f"got {cfg.kind!r}")
   if cfg.kind == "2d+1d":
-    return functools.partial(NonLocal2D1D, cfg.reduction, cfg.scaled, dtype)
-  return functools.partial(NonLocal, cfg.kind, cfg.reduction, cfg.scaled, dtype)
+    return functools.partial(NonLocal2D1D, reduction=cfg.reduction,
+                             scaled=cfg.scaled, dtype=dtype)
+  return functools.partial(NonLocal, kind=cfg.kind, reduction=cfg.reduction,
+                           scaled=cfg.scaled, dtype=dtype)
 
 
 TSM_SPEC = hooks.TemporalModuleSpec(
     position="pre", default_config=_tsm_config,
-    build=lambda cfg, dtype: functools.partial(TemporalShift, cfg.fold_div))
+    build=lambda cfg, dtype: functools.partial(TemporalShift, fold_div=cfg.fold_div))
 
 NONLOCAL_SPEC = hooks.TemporalModuleSpec(
     position="post", default_config=_nonlocal_config, build=_build_nonlocal)

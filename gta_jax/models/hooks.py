@@ -18,7 +18,11 @@ import dataclasses
 from typing import Any, Callable, FrozenSet, Sequence, Tuple
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
+
+from gta_jax.models import resnet
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -86,3 +90,31 @@ class TemporalModuleSpec:
   position: str
   default_config: Callable[[], ml_collections.ConfigDict]
   build: Callable[[ml_collections.ConfigDict, Any], Callable[..., nn.Module]]
+
+
+def residual_tail(x: jax.Array, y: jax.Array, *, train: bool, dtype: Any,
+                  gate_init: float = 0.0, project: bool = True) -> jax.Array:
+  """`x + BN(W y)`: the output of a residual temporal module (GTA, SSA, Non-local).
+
+  Called inside a module's compact method, it creates that module's `out` (a
+  bias-free 1x1 conv to `x`'s channels, which the BN's shift makes redundant to
+  bias) and `bn`, whose scale starts at `gate_init`: at 0 the module is the
+  identity at init, so it can go into a pretrained network.
+
+  Args:
+    x: the module's input `(..., C)`.
+    y: the module's branch output `(..., C')`, `C' = C` unless `project`.
+    train: BatchNorm with batch statistics (else the running ones).
+    dtype: compute dtype; parameters are float32.
+    gate_init: the BN scale's initial value.
+    project: apply `out`; False needs `y` with `C` channels already.
+
+  Returns:
+    `x + BN(W y)`, the shape of `x`.
+  """
+  if project:
+    y = nn.Dense(x.shape[-1], use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                 name="out")(y)
+  bn = resnet.batch_norm(train, dtype,
+                         scale_init=nn.initializers.constant(gate_init))
+  return x + bn(name="bn")(y)

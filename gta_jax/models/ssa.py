@@ -29,9 +29,9 @@ On a 2-core CPU the fast mode's SSA-R50 8f train step at 224px is 4-16% faster
 (docs/ssa.md).
 
 The paper has no scaling, residual or output projection; the switches in
-:func:`default_config` add them for ablations. Without `temporal_conv` (1x1x1) the
-module is equivariant to frame permutations, so a TSN with it is blind to frame
-order like TSN itself; the 3x1x1 conv is what sees order.
+:func:`default_config` add them for ablations. With a 1x1x1 temporal conv
+(`temporal_kernel=1`) the module is equivariant to frame permutations, so a TSN
+with it is blind to frame order like TSN itself; the 3x1x1 conv is what sees order.
 """
 
 import functools
@@ -45,9 +45,9 @@ import ml_collections
 from gta_jax.models import attention
 from gta_jax.models import backend
 from gta_jax.models import hooks
-from gta_jax.models import resnet
 
 SCALES = ("none", "sqrt_d")
+PADDINGS = ("zeros", "edge")
 # The two memory modes of `config.model.ssa` (module docstring, docs/ssa.md).
 # Fast, the default: every softmax kept for the backward pass, all frames at once.
 FAST_MEMORY_MODE = {"spatial_chunk": 0, "save_probs": True}
@@ -110,10 +110,15 @@ class SeparableSelfAttention(nn.Module):
     shared_value: the temporal step reuses the spatial value `v` (SVE, Eq. 8);
       otherwise the temporal conv also gives a value `v_hat` from `x_hat` (the
       sequential spatial-then-temporal reading).
-    temporal_conv: 3x1x1 conv for `q_hat, k_hat` (the paper); False: 1x1x1.
+    temporal_kernel: temporal size `kt` of the kt x 1 x 1 conv that gives
+      `q_hat, k_hat` (3 in the paper; 1 is blind to frame order).
+    temporal_padding: how that conv pads the clip's ends: `zeros` (the end frames
+      see zeros, so they know where they are) or `edge` (repeats the end frames).
     scale: `none` (the paper) or `sqrt_d` (logits / sqrt of the dot length).
-    residual: return `x + BN(y)` with the BN scale initialised to zero (the module
-      is then the identity at init); False returns `y` (the paper).
+    residual: return `x + BN(y)` (:func:`hooks.residual_tail`); False returns `y`
+      (the paper).
+    gate_init: with `residual`, the BN scale's initial value (0: the module is
+      the identity at init).
     reduction: q, k, v have `C // reduction` channels; above 1 a 1x1 conv maps
       `y` back to C channels.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
@@ -128,9 +133,11 @@ class SeparableSelfAttention(nn.Module):
   """
   channel_branch: bool = True
   shared_value: bool = True
-  temporal_conv: bool = True
+  temporal_kernel: int = 3
+  temporal_padding: str = "zeros"
   scale: str = "none"
   residual: bool = False
+  gate_init: float = 0.0
   reduction: int = 1
   spatial_chunk: int = 0
   save_probs: bool = True
@@ -156,10 +163,12 @@ class SeparableSelfAttention(nn.Module):
     x_hat = map_in_chunks(spatial, self.spatial_chunk, frames(q), frames(k), frames(v))
     x_hat = x_hat.reshape(b, t, h, w, inner)
 
-    kt = 3 if self.temporal_conv else 1
+    kt = self.temporal_kernel
     num_out = 2 if self.shared_value else 3
-    qkv_hat = nn.Conv(num_out * inner, (kt, 1, 1),
-                      padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+    pad = {"zeros": "constant", "edge": "edge"}[self.temporal_padding]
+    x_hat = jnp.pad(x_hat, [(0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)],
+                    mode=pad)
+    qkv_hat = nn.Conv(num_out * inner, (kt, 1, 1), padding="VALID",
                       dtype=self.dtype, param_dtype=jnp.float32,
                       name="temporal_conv")(x_hat)
     q_hat, k_hat, *v_hat = jnp.split(qkv_hat, num_out, axis=-1)
@@ -167,11 +176,11 @@ class SeparableSelfAttention(nn.Module):
 
     clips = lambda a: a.reshape(b, t, h * w * inner)
     y = temporal(clips(q_hat), clips(k_hat), clips(value)).reshape(b, t, h, w, inner)
+    if self.residual:
+      return hooks.residual_tail(x, y, train=train, dtype=self.dtype,
+                                 gate_init=self.gate_init, project=inner != c)
     if inner != c:
       y = dense(c, name="out")(y)
-    if self.residual:
-      y = x + resnet.batch_norm(train, self.dtype, scale_init=nn.initializers.zeros)(
-          name="bn")(y)
     return y
 
 
@@ -184,7 +193,8 @@ def default_config() -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
-      temporal_conv=True, scale="none", residual=False, reduction=1,
+      temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
+      gate_init=0.0, reduction=1,
       **FAST_MEMORY_MODE))
 
 
@@ -193,14 +203,23 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if cfg.scale not in SCALES:
     raise ValueError(f"config.model.ssa.scale must be one of {SCALES}, "
                      f"got {cfg.scale!r}")
+  if cfg.temporal_padding not in PADDINGS:
+    raise ValueError(f"config.model.ssa.temporal_padding must be one of {PADDINGS}, "
+                     f"got {cfg.temporal_padding!r}")
+  if (not isinstance(cfg.temporal_kernel, int) or cfg.temporal_kernel < 1
+      or cfg.temporal_kernel % 2 == 0):
+    raise ValueError(f"config.model.ssa.temporal_kernel must be an odd int >= 1, "
+                     f"got {cfg.temporal_kernel!r}")
+  if isinstance(cfg.gate_init, bool) or not isinstance(cfg.gate_init, (int, float)):
+    raise ValueError(f"config.model.ssa.gate_init must be a number, "
+                     f"got {cfg.gate_init!r}")
   if not isinstance(cfg.reduction, int) or cfg.reduction < 1:
     raise ValueError(f"config.model.ssa.reduction must be a positive int, "
                      f"got {cfg.reduction!r}")
   if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
     raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
                      f"got {cfg.spatial_chunk!r}")
-  for key in ("channel_branch", "shared_value", "temporal_conv", "residual",
-              "save_probs"):
+  for key in ("channel_branch", "shared_value", "residual", "save_probs"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.ssa.{key} must be True or False, "
                        f"got {cfg[key]!r}")
@@ -211,8 +230,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
         f"config.model.ssa.spatial_chunk=0 with it (got {cfg.spatial_chunk})")
   return functools.partial(
       SeparableSelfAttention, channel_branch=cfg.channel_branch,
-      shared_value=cfg.shared_value, temporal_conv=cfg.temporal_conv,
-      scale=cfg.scale, residual=cfg.residual, reduction=cfg.reduction,
+      shared_value=cfg.shared_value, temporal_kernel=cfg.temporal_kernel,
+      temporal_padding=cfg.temporal_padding, scale=cfg.scale,
+      residual=cfg.residual, gate_init=float(cfg.gate_init), reduction=cfg.reduction,
       spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
 
 
