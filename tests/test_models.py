@@ -1,6 +1,11 @@
 """Tests of the backbones and the baselines' temporal modules (TSN, TSM, Non-local)."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import flax
 import jax
@@ -302,6 +307,101 @@ def test_max_pool_matches_flax_and_a_numpy_gradient(size, stride, pad, hw):
       jnp.asarray(x))
   np.testing.assert_allclose(dx, numpy_max_pool_grad(x, grad, size, stride, pad),
                              rtol=1e-6, atol=1e-6)
+
+# -- BatchNorm groups ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [1, 3, 6])
+def test_group_batch_norm_matches_numpy(group_size):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 2, 3, 3, 4)).astype(np.float32) * 3 + 1
+  scale, bias = rng.standard_normal(4), rng.standard_normal(4)
+  ra_mean, ra_var = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": ra_mean, "var": ra_var}}
+  variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
+  norm = resnet.GroupBatchNorm(group_size, momentum=0.9, epsilon=1e-5)
+  y, updates = norm.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+
+  groups = x.astype(np.float64).reshape(6 // group_size, -1, 4)
+  mean = groups.mean(axis=1, keepdims=True)
+  var = groups.var(axis=1, keepdims=True)
+  want = ((groups - mean) / np.sqrt(var + 1e-5) * scale + bias).reshape(x.shape)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+  stats = updates["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.9 * ra_mean + 0.1 * mean.mean(axis=(0, 1)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 * ra_var + 0.1 * var.mean(axis=(0, 1)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_bn_group_size_must_divide_the_batch():
+  config = tiny(bn_group_size=3)
+  model = build_model(config)
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.key(0), clip())
+  with pytest.raises(ValueError, match="bn_group_size=3 does not divide the batch of 2"):
+    jax.eval_shape(functools.partial(model.apply, train=True, mutable=["batch_stats"]),
+                   variables, clip())
+
+
+# Train-mode forward and backward of two conv+BN+ReLU layers on 8 clips, the
+# batch sharded over a mesh of 1 and of 4 CPU devices, in global and group-of-2 BN.
+DEVICE_COUNT_SCRIPT = textwrap.dedent("""
+    import json
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from gta_jax.models import resnet
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        for i in range(2):
+          x = resnet.VideoConv(8, (1, 3, 3), name=f"conv{i}")(x)
+          x = nn.relu(resnet.batch_norm(True, jnp.float32)(name=f"bn{i}")(x))
+        return nn.Dense(10)(jnp.mean(x, axis=(1, 2, 3)))
+
+    x = jax.random.normal(jax.random.key(0), (8, 4, 8, 8, 3))
+    labels = jnp.arange(8) % 10
+    variables = Net().init(jax.random.key(0), x)
+
+    def loss_fn(params, batch, group_size):
+      with resnet.bn_groups(group_size):
+        logits, updates = Net().apply({**variables, "params": params}, batch,
+                                      mutable=["batch_stats"])
+      onehot = jax.nn.one_hot(labels, 10)
+      return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), updates
+
+    report, first = {}, {}
+    for group_size in (0, 2):
+      results = []
+      for n in (1, 4):
+        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+        batch = jax.device_put(x, NamedSharding(mesh, P("data")))
+        params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
+        step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)
+        results.append(jax.tree.leaves(jax.device_get(step(params, batch, group_size))))
+      first[group_size] = results[0]
+      report[group_size] = max(float(np.max(np.abs(a - b))) for a, b in zip(*results))
+    report["groups_vs_global"] = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(first[0], first[2]))
+    print(json.dumps({"devices": jax.device_count(), **report}))
+""")
+
+
+def test_batch_norm_results_do_not_depend_on_the_device_count():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", DEVICE_COUNT_SCRIPT], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 4
+  assert report["0"] < 1e-5 and report["2"] < 1e-5, report
+  # Groups of 2 clips normalise differently from the whole batch of 8.
+  assert report["groups_vs_global"] > 1e-2, report
+
 
 # -- configuration errors ------------------------------------------------------------------
 
