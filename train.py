@@ -1,9 +1,10 @@
 """Trains a model: `python train.py --config configs/X.py --workdir DIR`.
 
-Resumes from the latest checkpoint in DIR. Override any config key with
-`--config.a.b=value`. For several processes without a cluster launcher that JAX
-detects (TPU pods, SLURM and Open MPI are), pass `--coordinator_address host:port
---num_processes N --process_id I` to every process.
+Resumes from the newest readable checkpoint in DIR, which may be a bucket
+(`gs://...`). Override any config key with `--config.a.b=value`. Clusters that JAX
+detects (Cloud TPU pod slices, GKE, SLURM inside `srun`, Open MPI) start
+`jax.distributed` by themselves (`--single_process` prevents it); elsewhere pass
+`--coordinator_address host:port --num_processes N --process_id I` to every process.
 """
 
 from absl import app
@@ -12,6 +13,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from gta_jax import cli
+from gta_jax.evaluation import evaluate
 from gta_jax.training import loop
 from gta_jax.training import writers
 
@@ -28,7 +30,8 @@ def main(argv):
   writers.quiet_library_logs()
   cli.initialize_distributed()
   logging.info("config:\n%s", _CONFIG.value)
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                    validate=evaluate.make_validator(_CONFIG.value))
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and summary:
     print(f"final {_CONFIG.value.data.eval_split} top-1: {summary['top1']:.4f}"

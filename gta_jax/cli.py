@@ -51,18 +51,22 @@ def run(main: Callable[[list], None]) -> None:
 
 
 def define_distributed_flags() -> None:
-  """`--coordinator_address --num_processes --process_id`, for `jax.distributed`."""
+  """`--coordinator_address --num_processes --process_id --single_process`."""
   flags.DEFINE_string("coordinator_address", "",
                       "host:port of process 0, for jax.distributed.")
   flags.DEFINE_integer("num_processes", None, "Processes in the run.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_bool("single_process", False,
+                    "Run as one process even where a cluster (TPU pod slice, SLURM "
+                    "step, Open MPI, ...) is detected.")
 
 
 def initialize_distributed() -> None:
   """Starts `jax.distributed` from the flags of :func:`define_distributed_flags`."""
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                                  f.single_process)
 
 
 def define_checkpoint_step_flag() -> None:

@@ -3,7 +3,8 @@ r"""Predicts the action classes of video files with a trained checkpoint.
   python -m gta_jax.predict --config configs/X.py --workdir DIR VIDEO [VIDEO ...] \
       [--top_k 5] [--json] [--checkpoint_step latest|best|N] [--config.a.b=value ...]
 
-A VIDEO is any file PyAV decodes (mp4, webm, avi, ...) or a folder of frames. Each one
+A VIDEO is any file PyAV decodes (mp4, webm, avi, ...), local or in a bucket
+(`gs://...`, copied to a temporary file first), or a local folder of frames. Each one
 goes through exactly what evaluation does to a prepared video: its frames are resized
 (short side `config.data.resize_short`) and JPEG-encoded as at preparation, then the
 config's eval views are taken (`config.eval.num_clips` x `config.eval.num_crops`,
@@ -22,13 +23,13 @@ the exit status is 1 if any file failed. From Python:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Sequence, Union
 
 import numpy as np
 
 from gta_jax import cli
+from gta_jax import paths
 from gta_jax.data import builders
 from gta_jax.data import pipeline
 from gta_jax.data import video_io
@@ -44,12 +45,13 @@ def load_views(path: str, config) -> np.ndarray:
   Raises:
     VideoError: the path does not exist or holds no decodable frames.
   """
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise VideoError(f"{path}: no such file or folder")
   d = config.data
-  jpegs, _, error = video_io.load_video(video_io.VideoItem(path, 0, path),
-                                        resize_short=d.resize_short,
-                                        jpeg_quality=d.jpeg_quality)
+  with paths.local_file(path) as local:
+    jpegs, _, error = video_io.load_video(video_io.VideoItem(local, 0, path),
+                                          resize_short=d.resize_short,
+                                          jpeg_quality=d.jpeg_quality)
   if error is not None:
     raise VideoError(f"{path}: cannot decode the video ({error})")
   element = {"frames": jpegs, "label": 0, "index": 0}

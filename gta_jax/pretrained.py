@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gta_jax import paths
 from gta_jax import torch_pickle
 from gta_jax.models import registry
 
@@ -99,19 +100,20 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   and a `module.` prefix common to all names (DataParallel) is dropped.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"pretrained weights {path!r}: no such file")
-  if path.endswith(".safetensors"):
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-    state = safetensors_numpy.load_file(path)
-  elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as npz:
-      state = {k: npz[k] for k in npz.files}
-  elif path.endswith(TORCH_SUFFIXES):
-    state = torch_pickle.load(path)
-  else:
+  if not path.endswith(TORCH_SUFFIXES + (".safetensors", ".npz")):
     raise ValueError(f"pretrained weights {path!r}: unknown file type; expected one "
                      f"of {TORCH_SUFFIXES + ('.safetensors', '.npz')}")
+  with paths.local_file(path) as local:  # a bucket's file is copied to a temporary one
+    if path.endswith(".safetensors"):
+      from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+      state = safetensors_numpy.load_file(local)
+    elif path.endswith(".npz"):
+      with np.load(local, allow_pickle=False) as npz:
+        state = {k: npz[k] for k in npz.files}
+    else:
+      state = torch_pickle.load(local)
   for key in ("state_dict", "model"):
     if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
       state = state[key]

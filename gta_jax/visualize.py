@@ -5,9 +5,9 @@ r"""Pictures of a training run: curves, learned temporal attention, sampled clip
 writes `OUT/training_curves.png` (loss, accuracy and learning rate from
 `DIR/metrics.jsonl`) and, for a model with GTA layers, one
 `OUT/attention_<layer>.png` per layer: the learned global temporal attention
-`softmax(G_h)` of every head `h` as a T x T heatmap (row `t`: how much frame `t`
-takes from each frame `t'`). The checkpoint is read without the config: only its
-parameters are needed.
+`A_h` of every head `h` as a T x T heatmap (row `t`: how much frame `t` takes from
+each frame `t'`), `softmax(G_h)` or the variant the run's
+`config.model.gta.global_norm` names (docs/gta.md).
 
 The figure functions return `matplotlib.figure.Figure`s built without pyplot, so
 that they display inline in a notebook (`display(fig)`) and save anywhere.
@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import numpy as np
 
 from gta_jax import cli
+from gta_jax import paths
 
 CURVES_FILE = "training_curves.png"
 
@@ -31,21 +32,20 @@ CURVES_FILE = "training_curves.png"
 # Training curves --------------------------------------------------------------------------
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
+def read_metrics(path: paths.PathLike) -> List[Dict[str, Any]]:
   """The rows of a `metrics.jsonl`, by step; a resumed run's repeated rows count once.
 
   A row repeated for the same `(kind, split, step)` (logged again after a resume)
   keeps its last value. An unreadable line (a run killed while writing) is skipped.
   """
   rows = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and "step" in row and "kind" in row:
-        rows[(row["kind"], row.get("split", ""), row["step"])] = row
+  for line in paths.path(path).read_text(encoding="utf-8").splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and "step" in row and "kind" in row:
+      rows[(row["kind"], row.get("split", ""), row["step"])] = row
   return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))
 
 
@@ -63,17 +63,19 @@ def training_curves_figure(rows: Sequence[Dict[str, Any]], title: str = ""):
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(13, 3.6), layout="constrained")
   ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
-  splits = sorted({r.get("split", "") for r in rows if r["kind"] == "eval"})
   style = lambda steps: "o-" if len(steps) < 3 else "-"  # lone points stay visible
   for ax, name, label in ((ax_loss, "loss", "train loss"), (ax_acc, "accuracy", "train")):
     steps, values = series(rows, "train", name)
     ax.plot(steps, values, style(steps), label=label, alpha=0.8)
-  for split in splits:
-    steps, values = series(rows, "eval", "loss", split)
-    ax_loss.plot(steps, values, style(steps), label=f"{split} loss")
-    for name, line in (("top1", "o-"), ("top5", "o--")):
-      steps, values = series(rows, "eval", name, split)
-      ax_acc.plot(steps, values, line, label=f"{split} {name.replace('top', 'top-')}")
+  # Validations during training (a cheaper protocol) and the full one: apart.
+  for kind, suffix in (("eval_during_training", " (during training)"), ("eval", "")):
+    for split in sorted({r.get("split", "") for r in rows if r["kind"] == kind}):
+      steps, values = series(rows, kind, "loss", split)
+      ax_loss.plot(steps, values, style(steps), label=f"{split}{suffix} loss")
+      for name, line in (("top1", "o-"), ("top5", "o--")):
+        steps, values = series(rows, kind, name, split)
+        ax_acc.plot(steps, values, line,
+                    label=f"{split}{suffix} {name.replace('top', 'top-')}")
   steps, values = series(rows, "train", "lr")
   ax_lr.plot(steps, values, style(steps))
   for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_lr, "learning rate")):
@@ -100,8 +102,10 @@ def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
     step: a step number, 'latest' or 'best' (highest validation top-1).
 
   Returns:
-    `({layer path: (heads, T, T) rows summing to 1}, step)`; an empty dict for a
-    model without GTA layers.
+    `({layer path: (heads, T, T) attention}, step)`, the matrices of
+    `gta.global_attention_maps` under the checkpoint's `config.model.gta.global_norm`
+    (`softmax` for a config without the key); an empty dict for a model without
+    GTA layers.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
@@ -110,7 +114,7 @@ def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
   from gta_jax.models import gta  # pylint: disable=g-import-not-at-top
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   directory = checkpoint.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
@@ -121,9 +125,12 @@ def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
                               f"{directory} (saved steps: {sorted(steps)})")
     restored = ckpt.manager.restore(
         chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    global_norm = ckpt.saved_config(chosen)["model"].get("gta", {}).get(
+        "global_norm", "softmax")
   finally:
     ckpt.close()
-  maps = gta.global_attention_maps({"params": restored["state"]["params"]})
+  maps = gta.global_attention_maps({"params": restored["state"]["params"]},
+                                   global_norm)
   return {name: np.asarray(m) for name, m in maps.items()}, int(chosen)
 
 
@@ -185,22 +192,22 @@ def clip_figure(video: np.ndarray, title: str = ""):
 # All of a run -----------------------------------------------------------------------------
 
 
-def save_run_figures(workdir: str, out: str, step: Union[int, str] = "latest",
-                     log=print) -> List[str]:
+def save_run_figures(workdir: paths.PathLike, out: paths.PathLike,
+                     step: Union[int, str] = "latest", log=print) -> List[str]:
   """Writes the training curves and the attention heatmaps of a run; returns the paths.
 
   What a run does not have (no `metrics.jsonl`, no checkpoint, no GTA layer) is
   reported through `log` and skipped.
   """
-  os.makedirs(out, exist_ok=True)
+  out = paths.path(out)
+  out.mkdir(parents=True, exist_ok=True)
   written = []
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+  metrics_path = paths.path(workdir) / "metrics.jsonl"
+  rows = read_metrics(metrics_path) if metrics_path.exists() else []
   if rows:
-    path = os.path.join(out, CURVES_FILE)
-    training_curves_figure(rows, os.path.basename(os.path.abspath(workdir))).savefig(
-        path, dpi=100)
-    written.append(path)
+    path = paths.save_figure(training_curves_figure(rows, paths.name(workdir)),
+                             out / CURVES_FILE, dpi=100)
+    written.append(os.fspath(path))
   else:
     log(f"no training curves: {metrics_path} is missing or empty")
   try:
@@ -211,9 +218,9 @@ def save_run_figures(workdir: str, out: str, step: Union[int, str] = "latest",
   if not maps:
     log(f"no attention maps: checkpoint {chosen} has no GTA layer")
   for layer, m in maps.items():
-    path = os.path.join(out, attention_filename(layer))
-    attention_figure(layer, m, f"{layer}, step {chosen}").savefig(path, dpi=100)
-    written.append(path)
+    path = paths.save_figure(attention_figure(layer, m, f"{layer}, step {chosen}"),
+                             out / attention_filename(layer), dpi=100)
+    written.append(os.fspath(path))
   return written
 
 
@@ -227,7 +234,7 @@ def main(argv):
   if not f["verbosity"].present:  # orbax's restore logs, unless asked for
     logging.set_verbosity(logging.ERROR)
   step = cli.checkpoint_step()
-  if not os.path.isdir(f.workdir):
+  if not paths.path(f.workdir).is_dir():
     print(f"error: --workdir {f.workdir} is not a folder", file=sys.stderr)
     return 1
   note = lambda msg: print(msg, file=sys.stderr)

@@ -153,10 +153,20 @@ def test_adamw_decays_kernels_only():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
+def test_warmup_longer_than_the_run_is_clipped_to_it():
+  """A 5-step smoke run of a recipe with 100 warm-up steps warms up over 4 steps."""
+  c = make_config(schedule="cosine", warmup_steps=100)
+  c.total_steps = 5
+  schedule = optim.learning_rate_schedule(c)
+  peak = 0.1 * 32 / 64
+  np.testing.assert_allclose([float(schedule(s)) for s in range(5)],
+                             [0, peak / 4, peak / 2, 3 * peak / 4, peak], rtol=1e-6)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("name", "lamb", "config.optim.name"),
     ("schedule", "linear", "config.optim.schedule"),
-    ("warmup_steps", 100, "config.optim.warmup_steps"),
+    ("warmup_steps", -1, "config.optim.warmup_steps"),
     ("step_boundaries", (0.75, 0.5), "config.optim.step_boundaries"),
     ("grad_clip_norm", -1.0, "config.optim.grad_clip_norm"),
     ("fc_lr_mult", 0.0, "config.optim.fc_lr_mult"),

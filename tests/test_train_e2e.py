@@ -1,19 +1,31 @@
 """End-to-end runs of `train.py` and `eval.py` in subprocesses on the embedded data.
 
 One tiny TSM run on one device is the reference; the other runs must reproduce it:
-after SIGTERM and SIGKILL restarts, on 4 devices, and on 2 processes x 2 devices
-(jax.distributed on 127.0.0.1 with gloo).
+after SIGTERM and SIGKILL restarts; on 2 processes x 2 devices (jax.distributed on
+127.0.0.1 with gloo) stopped by a SIGTERM to one process, then resumed on 1 process
+of 4 devices and of 1 device, and the reverse (a 1-device checkpoint resumed on 2
+processes); with the workdir and data in a bucket (a local GCS emulator).
 """
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+
+import gcs_emulator
+from gta_jax.data import pipeline
+from gta_jax.training import checkpoint
+from gta_jax.training import sharding
+from gta_jax.training import state as state_lib
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +36,11 @@ NUM_VAL_VIDEOS = 20  # 2 per class, 10 classes
 TINY = [
     "--config.data.synthetic.train_per_class=4", "--config.data.synthetic.val_per_class=2",
     "--config.data.num_frames=4", "--config.data.num_workers=0",
-    "--config.batch_size=8", "--config.eval.batch_size=8",
+    "--config.batch_size=8", "--config.eval.batch_size=8", "--config.eval.num_clips=2",
     f"--config.total_steps={TOTAL_STEPS}", "--config.log_every_steps=1",
     "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0",
-    "--config.optim.warmup_steps=2",
+    # Longer than the run: clipped to 9 steps (a smoke run's warm-up).
+    "--config.optim.warmup_steps=20",
     # Plain SGD at a gentle lr, whatever the recipe: float reduction orders differ
     # across device counts, and a large lr amplifies those 1e-7 differences.
     "--config.optim.name=sgd", "--config.optim.base_lr=0.02",
@@ -39,36 +52,37 @@ def command(script, workdir, data_dir, *extra):
           "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *TINY, *extra]
 
 
-def environment(devices=1):
+def environment(devices=1, **extra):
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
-def run(script, workdir, data_dir, *extra, devices=1, expect_ok=True):
+def run(script, workdir, data_dir, *extra, devices=1, expect_ok=True, env=None, cwd=None):
   result = subprocess.run(command(script, workdir, data_dir, *extra),
-                          env=environment(devices), capture_output=True, text=True,
-                          timeout=600, check=False)
+                          env=env or environment(devices), capture_output=True, text=True,
+                          timeout=600, check=False, cwd=cwd)
   if expect_ok:
     assert result.returncode == 0, result.stderr[-5000:]
   return result
 
 
 def rows(workdir, kind):
-  """step -> the last logged row of that kind."""
+  """step -> the last logged row of that kind (local or bucket workdir)."""
   out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if row["kind"] == kind:
-        out[row["step"]] = row
+  for line in epath.Path(workdir, "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if row["kind"] == kind:
+      out[row["step"]] = row
   return out
 
 
 def saved_steps(workdir):
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  """The committed checkpoints (orbax marks them, locally and in a bucket)."""
+  directory = epath.Path(workdir, "checkpoints")
+  if not directory.exists():
     return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
 def assert_same_curve(workdir, reference, tol):
@@ -122,15 +136,15 @@ def test_train_then_eval(reference, data_dir):
   assert os.path.getsize(stem + "_confusion.png") > 1000
 
 
-def wait_for_checkpoint(process, workdir, after):
+def wait_for_checkpoint(process, workdir, after, poll_s=0.02, steps=saved_steps):
   """Polls until a checkpoint past `after` is committed; returns its step."""
   deadline = time.time() + 300
   while time.time() < deadline:
-    done = [s for s in saved_steps(workdir) if s > after]
+    done = [s for s in steps(workdir) if s > after]
     if done:
       return done[0]
-    assert process.poll() is None, process.communicate()[1][-5000:]
-    time.sleep(0.02)
+    assert process.poll() is None, (process.communicate()[1] or "see its log")[-5000:]
+    time.sleep(poll_s)
   raise AssertionError("no checkpoint within 300 s")
 
 
@@ -161,38 +175,79 @@ def test_sigterm_and_sigkill_restarts_reproduce_the_run(reference, data_dir, tmp
   assert_same_curve(workdir, ref_dir, tol=1e-5)
 
 
-def test_four_devices_match_one(reference, data_dir, tmp_path):
-  ref_dir, _ = reference
-  run("train.py", tmp_path, data_dir, devices=4)
-  assert_same_curve(tmp_path, ref_dir, tol=1e-3)
+def start_two_processes(workdir, data_dir, devices_per_process=2):
+  address = f"127.0.0.1:{gcs_emulator.free_port()}"
+  return [subprocess.Popen(command("train.py", workdir, data_dir,
+                                   f"--coordinator_address={address}",
+                                   "--num_processes=2", f"--process_id={i}"),
+                           env=environment(devices_per_process), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def run_two_processes(workdir, data_dir, devices_per_process):
-  address = f"127.0.0.1:{free_port()}"
-  processes = [
-      subprocess.Popen(command("train.py", workdir, data_dir,
-                               f"--coordinator_address={address}", "--num_processes=2",
-                               f"--process_id={i}"),
-                       env=environment(devices_per_process), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+def finish(processes):
   for p in processes:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-5000:]
 
 
-def test_two_processes_of_two_devices_match_one_device(reference, data_dir, tmp_path):
-  """jax.distributed on 127.0.0.1 (gloo): each process feeds its rows of the global
-  batch, which is the same for any process count, so the curve is the 1-device one."""
+def copy_run(source, target, step):
+  """A copy of a run's workdir as it was when checkpoint `step` was its newest."""
+  shutil.copytree(source, target)
+  for later in saved_steps(target):
+    if later > step:
+      shutil.rmtree(os.path.join(target, "checkpoints", str(later)))
+  lines = open(os.path.join(target, "metrics.jsonl")).read().splitlines()
+  with open(os.path.join(target, "metrics.jsonl"), "w") as f:
+    f.writelines(l + "\n" for l in lines if json.loads(l)["step"] <= step)
+  return target
+
+
+@pytest.fixture(scope="module")
+def preempted_two_processes(tmp_path_factory, data_dir):
+  """2 processes x 2 devices; SIGTERM to process 1 only, after the first checkpoint.
+
+  Returns the workdir and the step both stopped at.
+  """
+  workdir = tmp_path_factory.mktemp("two_processes")
+  processes = start_two_processes(workdir, data_dir)
+  wait_for_checkpoint(processes[0], workdir, 0)
+  processes[1].send_signal(signal.SIGTERM)
+  finish(processes)  # both exit 0
+  stopped = max(saved_steps(workdir))
+  assert stopped < TOTAL_STEPS, "the run ended before SIGTERM arrived"
+  return workdir, stopped
+
+
+def test_sigterm_to_one_of_two_processes_saves_one_step_everywhere(
+    reference, preempted_two_processes):
+  """Both processes stopped at the step of the last checkpoint, the one the
+  preemption sync point named (process 0 logs and saves for both)."""
+  workdir, stopped = preempted_two_processes
+  assert max(rows(workdir, "train")) == stopped
+  train, want = rows(workdir, "train"), rows(reference[0], "train")
+  for step in train:
+    assert train[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-3), step
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_two_process_checkpoint_resumes_on_one_process(
+    reference, preempted_two_processes, data_dir, tmp_path, devices):
+  """The data position is global: 2 x 2 devices -> 1 x 4 and 1 x 1, same curve. Four
+  devices also round the eval batch (6 -> 8)."""
+  workdir, stopped = preempted_two_processes
+  resumed = copy_run(workdir, tmp_path / "resumed", stopped)
+  result = run("train.py", resumed, data_dir, "--config.eval.batch_size=6",
+               devices=devices)
+  assert f"resumed from {resumed}/checkpoints/{stopped}" in result.stderr
+  assert_same_curve(resumed, reference[0], tol=1e-3)
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(reference, data_dir, tmp_path):
   ref_dir, _ = reference
-  run_two_processes(tmp_path, data_dir, 2)
-  assert_same_curve(tmp_path, ref_dir, tol=1e-3)
+  resumed = copy_run(ref_dir, tmp_path / "resumed", TOTAL_STEPS - 2)
+  finish(start_two_processes(resumed, data_dir))
+  assert_same_curve(resumed, ref_dir, tol=1e-3)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
@@ -222,3 +277,139 @@ def test_checkpoint_of_another_model_is_refused(reference, data_dir):
   result = run("eval.py", workdir, data_dir, "--config.model.width=16", expect_ok=False)
   assert result.returncode != 0
   assert "holds another model" in result.stderr and "width" in result.stderr
+
+
+def tiny_config(data_dir):
+  """The config the CLI runs build: configs/synthetic_tsm.py with TINY's overrides."""
+  import synthetic_tsm  # pylint: disable=g-import-not-at-top
+  config = synthetic_tsm.get_config()
+  for flag in TINY + [f"--config.data.data_dir={data_dir}"]:
+    key, value = flag[len("--config."):].split("=", 1)
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = type(node[name])(value)
+  return config
+
+
+@pytest.fixture
+def restore_target(data_dir):
+  """What the train loop restores into: the abstract state and a data iterator."""
+  config = tiny_config(data_dir)
+  _, _, _, abstract = state_lib.build(config, sharding.make_mesh())
+  iterator = iter(pipeline.make_train_loader(config, seed=config.seed, process_index=0,
+                                             process_count=1))
+  yield config, abstract, iterator
+  iterator.close()
+
+
+def truncate(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state", "_sharding")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
+    reference, restore_target, tmp_path, caplog):
+  config, abstract, iterator = restore_target
+  workdir = copy_run(reference[0], tmp_path / "run", TOTAL_STEPS)
+  truncate(workdir, TOTAL_STEPS)
+  ckpt = checkpoint.Checkpointer(workdir)
+  state, step = ckpt.restore_latest(abstract, config, iterator)
+  ckpt.close()
+  assert step == TOTAL_STEPS - 2 and int(state.step) == step
+  assert json.loads(iterator.get_state()) == {"next_batch": step}
+  warned = " ".join(r.getMessage() for r in caplog.records)
+  assert f"cannot restore checkpoint {workdir}/checkpoints/{TOTAL_STEPS}" in warned
+  # The unreadable one is gone, so that the resumed run can save that step again.
+  assert saved_steps(workdir) == [step]
+  want = checkpoint.Checkpointer(reference[0], read_only=True).restore(step, abstract,
+                                                                       config)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_them(reference, restore_target,
+                                                        tmp_path):
+  config, abstract, iterator = restore_target
+  workdir = copy_run(reference[0], tmp_path / "run", TOTAL_STEPS)
+  for step in saved_steps(workdir):
+    truncate(workdir, step)
+  ckpt = checkpoint.Checkpointer(workdir)
+  with pytest.raises(checkpoint.UnreadableCheckpointsError,
+                     match=rf"{workdir}/checkpoints.*step 10: .*step 8: "):
+    ckpt.restore_latest(abstract, config, iterator)
+  ckpt.close()
+  assert saved_steps(workdir) == [TOTAL_STEPS - 2, TOTAL_STEPS]  # nothing deleted
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  """A local GCS emulator with `gs://bucket`; this process and its children use it."""
+  with gcs_emulator.serve("bucket") as emulator:
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    os.environ.update(emulator.env)
+    try:
+      yield emulator
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v
+
+
+def test_bucket_run_matches_the_local_one(reference, bucket, tmp_path):
+  """Prepare, train (SIGKILL after the first checkpoint, resume), validate during
+  training and evaluate with the data and workdir in gs://bucket: the same weights
+  and results as the local run, and every output is an object in the bucket."""
+  ref_dir, _ = reference
+  workdir, data = "gs://bucket/run", "gs://bucket/tfds"
+  argv = ("--config.eval_every_steps=4", "--config.eval.during_training.max_videos=10")
+  env = environment(**bucket.env)
+
+  def committed(_):
+    """The committed checkpoints, from the store: listing them through gcsfs here
+    would leave a stale listing in its cache for the checks at the end."""
+    return sorted(int(n.split("/")[2]) for n in bucket.names("bucket", "run/checkpoints/")
+                  if n.count("/") == 3 and n.endswith("/commit_success.txt"))
+
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  with open(tmp_path / "killed.log", "w") as log:  # not a pipe: nobody reads it meanwhile
+    process = subprocess.Popen(command("train.py", workdir, data, *argv), env=env,
+                               cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    wait_for_checkpoint(process, workdir, 0, poll_s=0.5, steps=committed)
+    process.kill()
+    process.wait(timeout=60)
+  assert max(committed(workdir)) < TOTAL_STEPS, "the run ended before SIGKILL arrived"
+  run("train.py", workdir, data, *argv, env=env, cwd=cwd)
+  run("eval.py", workdir, data, env=env, cwd=cwd)
+  assert not os.listdir(cwd), "something was written to a local './gs:' folder"
+
+  assert_same_curve(workdir, ref_dir, tol=1e-5)
+  got = ocp.StandardCheckpointer().restore(epath.Path(workdir, "checkpoints", "10", "state"))
+  want = ocp.StandardCheckpointer().restore(os.path.join(ref_dir, "checkpoints", "10",
+                                                         "state"))
+  for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  # Validation during training: the cheap protocol, logged apart from the full one.
+  quick, full = rows(workdir, "eval_during_training"), rows(workdir, "eval")
+  assert sorted(quick) == [4, 8] and sorted(full) == [TOTAL_STEPS]
+  assert {(r["num_views"], r["num_videos"]) for r in quick.values()} == {(1, 10)}
+  assert (full[TOTAL_STEPS]["num_views"], full[TOTAL_STEPS]["num_videos"]) == (
+      2, NUM_VAL_VIDEOS)
+
+  stem = epath.Path(workdir, "eval", f"val_step{TOTAL_STEPS}")
+  summary = json.loads(epath.Path(f"{stem}.json").read_text())
+  assert summary["top1"] == rows(ref_dir, "eval")[TOTAL_STEPS]["top1"]
+  assert summary["loss"] == pytest.approx(rows(ref_dir, "eval")[TOTAL_STEPS]["loss"],
+                                          abs=1e-6)
+  assert len(epath.Path(f"{stem}_predictions.csv").read_text().splitlines()) == (
+      NUM_VAL_VIDEOS + 1)
+  assert epath.Path(f"{stem}_confusion.csv").exists()
+  assert epath.Path(f"{stem}_confusion.png").stat().length > 1000
+  assert list(epath.Path(workdir, "tensorboard").iterdir())
+  assert list(epath.Path(data).glob("synthetic_motion/*/*/dataset_info.json"))

@@ -7,6 +7,11 @@
 * `make_eval_loader(...)`: a finite loader of `dict(video=uint8 (B, V, T, H, W, 3),
   label, mask, video_index)` that covers the split exactly once across processes.
 
+`data_dir` may be a bucket (`gs://...`): the ArrayRecord files are read from there
+directly, and a dataset prepared for such a `data_dir` is written to a local staging
+folder first, then copied up with `dataset_info.json` last, so that a half-copied
+dataset is never seen as prepared.
+
 Only the sampled frames of a video are JPEG-decoded. Frames stay uint8 (normalise with
 `transforms.normalize`, on the device).
 """
@@ -18,12 +23,15 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import grain
 import numpy as np
 
+from gta_jax import paths
 from gta_jax.data import builders
 from gta_jax.data import sampling
 from gta_jax.data import transforms
@@ -46,13 +54,13 @@ class DatasetMeta:
 # Preparation ---------------------------------------------------------------------------
 
 
-def is_prepared(path: str) -> bool:
-  return os.path.exists(os.path.join(path, _INFO_FILE))
+def is_prepared(path: paths.PathLike) -> bool:
+  return (paths.path(path) / _INFO_FILE).exists()
 
 
-def read_meta(path: str) -> DatasetMeta:
+def read_meta(path: paths.PathLike) -> DatasetMeta:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  info = tfds.builder_from_directory(path).info
+  info = tfds.builder_from_directory(os.fspath(paths.path(path))).info
   names = tuple(info.features["label"].names)
   return DatasetMeta(name=info.name, num_classes=len(names), class_names=names,
                      num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
@@ -109,9 +117,9 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
   the data appears, and take over if the lock goes away without it (the preparer failed).
   A lock left by a dead process on this host is removed; one left by another host must be
   removed by hand (the message says where). On a data_dir that hosts do not share, each
-  host prepares its own copy.
+  host prepares its own copy. Local paths only (a bucket has no exclusive create).
   """
-  lock = path.rstrip(os.sep) + ".lock"
+  lock = os.fspath(paths.path(path)) + ".lock"
   os.makedirs(os.path.dirname(lock), exist_ok=True)
   waited, last_log = 0.0, 0.0
   while not is_prepared(path):
@@ -137,6 +145,42 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
       os.remove(lock)
 
 
+def _build(data_config, num_workers: int) -> None:
+  builder = builders.make_builder(data_config, num_workers=num_workers)
+  log.info("Preparing %s into %s", data_config.dataset, builder.prepared_dir)
+  builder.download_and_prepare()
+  builder.write_report()
+
+
+def _upload_tree(local_dir: str, target: paths.PathLike, last: str) -> None:
+  """Copies the files under the local `local_dir` to `target` (any path), the one named
+  `last` after all the others."""
+  files = sorted((os.path.relpath(os.path.join(folder, name), local_dir)
+                  for folder, _, names in os.walk(local_dir) for name in names),
+                 key=lambda rel: (os.path.basename(rel) == last, rel))
+  target = paths.path(target)
+  for rel in files:
+    out = target / rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(local_dir, rel), "rb") as src, out.open("wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
+
+
+def _prepare_remote(data_config, num_workers: int) -> None:
+  """Prepares into a local staging folder (`$TMPDIR`), then copies the dataset up.
+
+  ArrayRecord files cannot be written to a bucket directly. `dataset_info.json` goes
+  up last, so that readers (which wait for it) never see a half-copied split.
+  """
+  with tempfile.TemporaryDirectory(prefix="gta_jax_prepare_") as staging:
+    local = data_config.copy_and_resolve_references()
+    local.data_dir = staging
+    _build(local, num_workers)
+    target = builders.prepared_dir(data_config)
+    log.info("Copying the prepared dataset to %s", target)
+    _upload_tree(builders.prepared_dir(local), target, last=_INFO_FILE)
+
+
 def prepare(data_config, *, num_workers: int | None = None) -> DatasetMeta:
   """Prepares `data_config.dataset` (a no-op when prepared) and returns its metadata.
 
@@ -144,18 +188,19 @@ def prepare(data_config, *, num_workers: int | None = None) -> DatasetMeta:
     ValueError: a manual dataset that is not prepared and has no `manual_dir`.
   """
   path = builders.prepared_dir(data_config)
-
-  def prepare_fn():
-    workers = data_config.prepare_workers if num_workers is None else num_workers
-    builder = builders.make_builder(data_config, num_workers=workers)
-    log.info("Preparing %s into %s", data_config.dataset, path)
-    builder.download_and_prepare()
-    builder.write_report()
-
+  workers = data_config.prepare_workers if num_workers is None else num_workers
   if not is_prepared(path):
     if builders.needs_manual_dir(data_config.dataset) and not data_config.manual_dir:
       raise ValueError(_how_to_prepare(data_config))
-    _run_once(path, prepare_fn)
+    if data_config.manual_dir and not paths.is_local(data_config.manual_dir):
+      raise ValueError(
+          f"config.data.manual_dir={data_config.manual_dir!r}: the video decoders read "
+          "local files only; copy the official files to this machine (e.g. `gcloud "
+          "storage cp -r`) and point manual_dir there. data_dir may stay in a bucket.")
+    if paths.is_local(path):
+      _run_once(path, lambda: _build(data_config, workers))
+    else:
+      _prepare_remote(data_config, workers)
   return read_meta(path)
 
 
@@ -187,7 +232,7 @@ def open_source(config, split: str):
   if not is_prepared(path):
     raise ValueError(f"{config.data.dataset!r} is not prepared at {path}; call "
                      "pipeline.prepare_dataset(config) first.")
-  builder = tfds.builder_from_directory(path)
+  builder = tfds.builder_from_directory(os.fspath(paths.path(path)))
   if split not in builder.info.splits:
     raise ValueError(f"{config.data.dataset!r} has no split {split!r}; its splits are "
                      f"{sorted(builder.info.splits)}.")
@@ -388,6 +433,20 @@ def _prepare_workers(num_workers: int) -> None:
       flags.FLAGS.mark_as_parsed()
 
 
+class EvenSubset:
+  """`n` videos of a source, spread evenly over it (a split may be sorted by class)."""
+
+  def __init__(self, source, n: int):
+    self.source = source
+    self.indices = (np.arange(n) * len(source)) // n
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[int(i)])]
+
+
 class IndexedSource:
   """A source whose records carry their own index (`"index"`)."""
 
@@ -446,8 +505,12 @@ class EvalLoader:
     return iter(self._loader)
 
 
-def make_eval_loader(config, split: str, *, process_index: int, process_count: int):
+def make_eval_loader(config, split: str, *, process_index: int, process_count: int,
+                     max_videos: int = 0):
   """A finite loader over `split` for this process (see the module docstring).
+
+  `max_videos > 0` takes an evenly spread subset of that many videos (`video_index`
+  then counts within the subset).
 
   Yields `dict(video=uint8 (B_local, V, T, S, S, 3), label=int32, mask=bool,
   video_index=int64)`, `V = eval.num_clips * eval.num_crops`, `S = data.crop_size` (after
@@ -457,7 +520,10 @@ def make_eval_loader(config, split: str, *, process_index: int, process_count: i
   """
   d = config.data
   batch = _local_batch(config.eval.batch_size, process_count, "config.eval.batch_size")
-  padded = PaddedEvalSource(open_source(config, split), process_count, batch)
+  source = open_source(config, split)
+  if 0 < max_videos < len(source):
+    source = EvenSubset(source, max_videos)
+  padded = PaddedEvalSource(source, process_count, batch)
   ds = grain.MapDataset.source(padded)
   ds = ds[process_index * padded.per_padded:(process_index + 1) * padded.per_padded]
   ds = ds.map(EvalTransform(d, config.eval)).batch(batch, drop_remainder=True)

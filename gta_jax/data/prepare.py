@@ -6,19 +6,21 @@ r"""Prepares a dataset into ArrayRecord: `python -m gta_jax.data.prepare`.
 Re-running on a prepared dataset is a no-op. `--config` (a config file, as train.py
 takes) fills the defaults, so `--config configs/k400_tsm_r50_8f.py` prepares exactly what
 that training run will read. docs/data.md gives each dataset's expected layout.
+`--data_dir` may be a bucket (`gs://...`): the dataset is prepared in a local staging
+folder (`$TMPDIR`) and copied up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from gta_jax import config_lib
+from gta_jax import paths
 from gta_jax.data import builders
 from gta_jax.data import pipeline
 
@@ -54,11 +56,8 @@ def main(argv):
   path = builders.prepared_dir(d)
   was_prepared = pipeline.is_prepared(path)
   meta = pipeline.prepare(d)
-  report_path = os.path.join(path, "prepare_report.json")
-  report = {}
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
+  report_path = paths.path(path) / "prepare_report.json"
+  report = json.loads(report_path.read_text()) if report_path.exists() else {}
   print(f"{meta.name}: {'already prepared' if was_prepared else 'prepared'} in {meta.path}")
   print(f"  {meta.num_classes} classes; videos per split: {meta.num_examples}")
   for split, r in report.items():

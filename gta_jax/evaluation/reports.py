@@ -10,47 +10,55 @@ For split S at step N:
 """
 
 import csv
+import io
 import json
-import os
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
+from etils import epath
 
+from gta_jax import paths
 from gta_jax.evaluation import metrics
 
 
-def write_reports(out_dir: str, split: str, step: int, summary: Dict[str, Any],
-                  predictions: Dict[str, np.ndarray],
-                  class_names: Sequence[str]) -> str:
-  """Writes the files listed in the module docstring; returns the JSON's path."""
-  os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f"{split}_step{step}")
-  with open(stem + ".json", "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+def _csv_text(rows: List[List[Any]]) -> str:
+  buffer = io.StringIO(newline="")
+  csv.writer(buffer).writerows(rows)
+  return buffer.getvalue()
+
+
+def write_reports(out_dir: paths.PathLike, split: str, step: int,
+                  summary: Dict[str, Any], predictions: Dict[str, np.ndarray],
+                  class_names: Sequence[str]) -> epath.Path:
+  """Writes the files listed in the module docstring (local or in a bucket).
+
+  Returns:
+    The JSON's path.
+  """
+  out_dir = paths.path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  stem = f"{split}_step{step}"
+  (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))
 
   probs, labels = predictions["probs"], predictions["label"]
   top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
-  with open(stem + "_predictions.csv", "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(["video_index", "label", "prediction", "confidence", "top5"])
-    for i, index in enumerate(predictions["video_index"]):
-      writer.writerow([int(index), class_names[labels[i]], class_names[top5[i, 0]],
-                       f"{probs[i, top5[i, 0]]:.6f}",
-                       " ".join(class_names[c] for c in top5[i])])
+  rows = [["video_index", "label", "prediction", "confidence", "top5"]]
+  rows += [[int(index), class_names[labels[i]], class_names[top5[i, 0]],
+            f"{probs[i, top5[i, 0]]:.6f}", " ".join(class_names[c] for c in top5[i])]
+           for i, index in enumerate(predictions["video_index"])]
+  (out_dir / f"{stem}_predictions.csv").write_text(_csv_text(rows))
 
   matrix = metrics.confusion_matrix(labels, top5[:, 0], probs.shape[1])
-  with open(stem + "_confusion.csv", "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(["true \\ predicted"] + list(class_names))
-    for name, row in zip(class_names, matrix):
-      writer.writerow([name] + row.tolist())
-  plot_confusion(matrix, class_names, stem + "_confusion.png",
+  rows = [["true \\ predicted"] + list(class_names)]
+  rows += [[name] + row.tolist() for name, row in zip(class_names, matrix)]
+  (out_dir / f"{stem}_confusion.csv").write_text(_csv_text(rows))
+  plot_confusion(matrix, class_names, out_dir / f"{stem}_confusion.png",
                  f"{split}, step {step}: top-1 {summary['top1']:.3f}")
-  return stem + ".json"
+  return out_dir / f"{stem}.json"
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
-                   title: str) -> None:
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str],
+                   path: paths.PathLike, title: str) -> None:
   """Row-normalised confusion matrix as a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -73,5 +81,5 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
   ax.set_ylabel("true")
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)

@@ -1,34 +1,51 @@
 """Checkpoints with orbax: train state, data-iterator state and config.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. `state` is the
-`TrainState` as a nested dict, `data` the grain iterator state of every process
-(one JSON file per process) and `config` the experiment config as JSON. The
-manager keeps the last `keep_checkpoints` steps and, besides, the one with the best
-validation top-1 (saved as the checkpoint's metrics).
+Layout: `WORKDIR/checkpoints/<step>/{state,data_position,config}` (the workdir may be
+a bucket: orbax writes through `etils.epath` and tensorstore). `state` is the
+`TrainState` as a nested dict, `data_position` the position in the global stream of
+training batches (`{"next_batch": k, "batch_size": B}`: the same on every process,
+so a run may resume on another number of processes or devices) and `config` the
+experiment config as JSON. The manager keeps the last `keep_checkpoints` steps and,
+besides, the one with the best validation top-1 (saved as the checkpoint's metrics).
+
+:meth:`Checkpointer.restore_latest` resumes from the newest checkpoint that can be
+read: an unreadable one (a truncated file, a half-copied folder) is reported, named,
+and deleted so that the run can save that step again.
 
 For inference, :func:`restore_variables` gives the `params` and `batch_stats` of
 the latest or the best checkpoint of a workdir.
 """
 
 import json
-import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import serialization
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gta_jax import paths
 from gta_jax.training import state as state_lib
 
 BEST_METRIC = "top1"
+DATA_ITEM = "data_position"
+LEGACY_DATA_ITEM = "data"  # grain's per-process iterator files, before data_position
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint holds another model than the config describes."""
+
+
+class UnreadableCheckpointsError(RuntimeError):
+  """No checkpoint of a run could be restored."""
+
+
+def checkpoint_dir(workdir: paths.PathLike) -> epath.Path:
+  return paths.path(workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -40,7 +57,7 @@ class Checkpointer:
     read_only: for evaluation and inference.
   """
 
-  def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+  def __init__(self, workdir: paths.PathLike, keep: int = 2, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
     self.directory = checkpoint_dir(workdir)
@@ -58,8 +75,8 @@ class Checkpointer:
         ("state", ocp.StandardCheckpointHandler(), ocp.args.StandardSave,
          ocp.args.StandardRestore),
         ("config", ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
-        ("data", grain.checkpoint.CheckpointHandler(), grain.checkpoint.CheckpointSave,
-         grain.checkpoint.CheckpointRestore)):
+        (DATA_ITEM, ocp.JsonCheckpointHandler(), ocp.args.JsonSave,
+         ocp.args.JsonRestore)):
       registry.add(name, save, handler)
       registry.add(name, restore, handler)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -80,11 +97,15 @@ class Checkpointer:
   def save(self, step: int, state: state_lib.TrainState, data_iterator: Any,
            config: ml_collections.ConfigDict,
            metrics: Optional[Dict[str, float]] = None) -> None:
-    """Saves (asynchronously; the arrays are copied before this returns)."""
+    """Saves (asynchronously; the arrays are copied before this returns).
+
+    `data_iterator` is a `pipeline.BatchIterator` (its position is saved) or None.
+    """
     items = dict(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      position = dict(json.loads(data_iterator.get_state()), batch_size=config.batch_size)
+      items[DATA_ITEM] = ocp.args.JsonSave(position)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                       force=True)
 
@@ -109,7 +130,7 @@ class Checkpointer:
     changed = [f"{k}: {v!r} in the checkpoint, {new!r} now" for k, v in
                sorted(traverse_util.flatten_dict(old.get("model", {}), sep=".").items())
                if (new := _lookup(config.model, k)) != v and not isinstance(v, list)]
-    raise ValueError(
+    raise IncompatibleCheckpointError(
         f"checkpoint {self.directory}/{step} holds another model than the config "
         f"describes ({len(problems)} arrays differ, e.g. {problems[:3]}). Changed "
         f"model keys: {changed or 'none'}. Use a new --workdir, or the config the "
@@ -118,14 +139,69 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: state_lib.TrainState,
               config: ml_collections.ConfigDict,
               data_iterator: Any = None) -> state_lib.TrainState:
-    """The state of checkpoint `step`; `data_iterator` is reset to its position."""
+    """The state of checkpoint `step`; `data_iterator` is moved to its position.
+
+    Raises:
+      IncompatibleCheckpointError: the checkpoint holds another model.
+    """
     self.check_compatible(step, abstract_state, config)
     target = serialization.to_state_dict(abstract_state)
     items = dict(state=ocp.args.StandardRestore(target))
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items[DATA_ITEM] = ocp.args.JsonRestore()
+    if data_iterator is not None and DATA_ITEM not in self.manager.item_metadata(step):
+      del items[DATA_ITEM]  # a checkpoint from before `data_position`
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return serialization.from_state_dict(abstract_state, restored["state"])
+    state = serialization.from_state_dict(abstract_state, restored["state"])
+    if data_iterator is not None:
+      position = (restored[DATA_ITEM] if DATA_ITEM in items
+                  else self._legacy_data_position(step, config))
+      data_iterator.set_state(_data_state(position, config.batch_size, step))
+    return state
+
+  def _legacy_data_position(self, step: int, config) -> Dict[str, int]:
+    """The position saved by grain's per-process handler (the same in every file)."""
+    files = sorted((self.directory / str(step) / LEGACY_DATA_ITEM).glob("process_0-of-*"))
+    if not files:
+      raise FileNotFoundError(f"checkpoint {self.directory}/{step} has no data position "
+                              f"({DATA_ITEM} or {LEGACY_DATA_ITEM}/process_0-of-N.json)")
+    return dict(json.loads(files[0].read_text()), batch_size=config.batch_size)
+
+  def restore_latest(self, abstract_state: state_lib.TrainState,
+                     config: ml_collections.ConfigDict, data_iterator: Any = None
+                     ) -> Optional[Tuple[state_lib.TrainState, int]]:
+    """The newest checkpoint that can be restored, as `(state, step)`; None if none.
+
+    Newer checkpoints that cannot be read are logged with their error and deleted,
+    so that the run can save those steps again.
+
+    Raises:
+      IncompatibleCheckpointError: a checkpoint holds another model.
+      UnreadableCheckpointsError: there are checkpoints, and none can be read.
+    """
+    failures: List[Tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, config, data_iterator)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        error = f"{type(e).__name__}: {str(e)[:500]}"
+        logging.warning("cannot restore checkpoint %s/%d (%s); trying an older one",
+                        self.directory, step, error)
+        failures.append((step, error))
+        continue
+      for bad, error in failures:
+        logging.warning("deleting the unreadable checkpoint %s/%d (%s)", self.directory,
+                        bad, error)
+        self.manager.delete(bad)
+      return state, step
+    if failures:
+      raise UnreadableCheckpointsError(
+          f"none of the checkpoints in {self.directory} can be restored: "
+          + "; ".join(f"step {s}: {e}" for s, e in failures)
+          + ". Repair or remove them (the run does not start from scratch over them).")
+    return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -147,7 +223,27 @@ def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return config
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+def _data_state(position: Dict[str, int], batch_size: int, step: int
+                ) -> Dict[str, int]:
+  """The iterator state for a saved data position, under this `batch_size`.
+
+  The position is the next global batch; with another global batch size it is
+  converted through the sample index (`next_batch * batch_size`) and a warning says
+  that the batches differ from an uninterrupted run.
+  """
+  saved_batch_size = int(position.get("batch_size", batch_size))
+  next_batch = int(position["next_batch"])
+  if saved_batch_size == batch_size:
+    return {"next_batch": next_batch}
+  sample = next_batch * saved_batch_size
+  logging.warning(
+      "checkpoint step %d was trained with config.batch_size=%d, now %d: resuming the "
+      "data at sample %d (batch %d); the batches differ from an uninterrupted run",
+      step, saved_batch_size, batch_size, sample, sample // batch_size)
+  return {"next_batch": sample // batch_size}
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: paths.PathLike,
                       step: Union[int, str] = "latest", mesh=None
                       ) -> Tuple[Dict[str, Any], int]:
   """The model variables of a checkpoint, for evaluation or inference.
@@ -164,7 +260,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     FileNotFoundError: no checkpoint in `workdir` (or not that step).
-    ValueError: the checkpoint holds another model than `config`.
+    IncompatibleCheckpointError: the checkpoint holds another model than `config`.
   """
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else sharding.make_mesh()

@@ -1,18 +1,25 @@
 """The training loop (what `train.py` runs).
 
-`train_and_evaluate(config, workdir)` trains for `config.total_steps`, resuming
-from the latest checkpoint in `workdir` if there is one (train state and data
-iterator, so the resumed run takes the same batches and reaches the same
-weights). Every `eval_every_steps` (and at the end) it validates on
-`config.data.eval_split`; it checkpoints every `checkpoint_every_steps`, after
-each validation, at the end and on SIGTERM (then it returns normally). Metrics
-reach the host every `log_every_steps` only, so the device is never waited on
-inside the hot loop; a non-finite loss stops the run before it is checkpointed.
+`train_and_evaluate(config, workdir, validate)` trains for `config.total_steps`,
+resuming from the newest readable checkpoint in `workdir` if there is one (train
+state and data position, so the resumed run takes the same batches and reaches the
+same weights, on any number of processes and devices). It checkpoints every
+`checkpoint_every_steps`, after each validation, at the end and on SIGTERM (then it
+returns normally; in a multi-process run every process stops at the same step).
+
+Validation is a callback, `validate(variables, final) -> summary`, which `train.py`
+builds from `gta_jax.evaluation`: every `eval_every_steps` it runs the cheap
+in-training protocol (`final=False`, logged as `eval_during_training` rows and
+`<split>_during_training/` scalars), at the end the full one (`final=True`, logged
+as `eval` rows and `<split>/` scalars). Metrics reach the host every
+`log_every_steps` only, so the device is never waited on inside the hot loop; a
+non-finite loss stops the run before it is checkpointed.
 """
 
+import dataclasses
 import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -20,13 +27,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from gta_jax import paths
 from gta_jax.data import pipeline
-from gta_jax.evaluation import evaluate as evaluate_lib
 from gta_jax.training import checkpoint
 from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
 from gta_jax.training import steps
 from gta_jax.training import writers
+
+# (variables, final) -> a summary with at least `split` and `top1`.
+Validate = Callable[[Any, bool], Dict[str, Any]]
+Pending = List[Tuple[int, Dict[str, Any]]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,7 +45,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PreemptionWatcher:
-  """Has a SIGTERM arrived? Multi-process runs agree on the step to stop at."""
+  """Has a SIGTERM arrived? Multi-process runs agree on the step to stop at.
+
+  Alone, a process catches SIGTERM itself. With several, `jax.distributed`'s
+  preemption service catches it in whichever process gets it and tells the others,
+  and `reached_preemption_sync_point` names the same step in all of them.
+  """
 
   def __init__(self):
     self.multi_process = jax.process_count() > 1
@@ -68,7 +84,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.optim.label_smoothing must be in [0, 1), got "
                      f"{config.optim.label_smoothing!r}")
   sharding.check_batch_size(config.batch_size, "config.batch_size")
-  sharding.check_batch_size(config.eval.batch_size, "config.eval.batch_size")
+  if not isinstance(config.eval.batch_size, int) or config.eval.batch_size < 1:
+    raise ValueError(f"config.eval.batch_size must be a positive int, got "
+                     f"{config.eval.batch_size!r}")
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> Any:
@@ -80,7 +98,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> Any:
   return pipeline.prepare_dataset(config)
 
 
-def _fetch_train_metrics(pending, halt_on_nonfinite: bool) -> Optional[Dict[str, float]]:
+def _fetch_train_metrics(pending: Pending, halt_on_nonfinite: bool
+                         ) -> Optional[Dict[str, float]]:
   """Brings the pending per-step metrics to the host; their window means."""
   if not pending:
     return None
@@ -100,12 +119,117 @@ def _fetch_train_metrics(pending, halt_on_nonfinite: bool) -> Optional[Dict[str,
   return means
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> Optional[Dict[str, Any]]:
+class _TrainLog:
+  """Per-window train metrics: collects the device's, logs their means."""
+
+  def __init__(self, config: ml_collections.ConfigDict, writer: writers.MetricWriter,
+               bar):
+    self.config = config
+    self.writer = writer
+    self.bar = bar
+    self.pending: Pending = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def add(self, step: int, metrics: Dict[str, Any]) -> None:
+    self.pending.append((step, metrics))
+    self.window_steps += 1
+    self.bar.update(1)
+
+  def write(self, step: int) -> None:
+    means = _fetch_train_metrics(self.pending, self.config.halt_on_nonfinite)
+    elapsed = time.perf_counter() - self.window_start
+    means.update(steps_per_sec=self.window_steps / elapsed,
+                 examples_per_sec=self.window_steps * self.config.batch_size / elapsed)
+    self.writer.write("train", step, means, "train")
+    self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.3g}")
+    self.restart_clock()
+
+  def check_finite(self) -> None:
+    """Raises before a checkpoint if a pending loss is not finite."""
+    _fetch_train_metrics(self.pending, self.config.halt_on_nonfinite)
+
+
+def restore_or_initialize(config, ckpt: checkpoint.Checkpointer, abstract_state, model,
+                          tx, mesh, train_iter) -> Tuple[state_lib.TrainState, Any]:
+  """The newest readable checkpoint's state (data iterator moved along), else a fresh
+  state; and the last validation summary saved with it (or None)."""
+  restored = ckpt.restore_latest(abstract_state, config, train_iter)
+  if restored is None:
+    return state_lib.initial_state(config, model, tx, mesh), None
+  state, step = restored
+  logging.info("resumed from %s/%d", ckpt.directory, step)
+  return state, ckpt.manager.metrics(step) or None
+
+
+@dataclasses.dataclass
+class _Run:
+  """What happens between train steps: logs, validations, checkpoints, preemption."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  ckpt: checkpoint.Checkpointer
+  writer: writers.MetricWriter
+  train_iter: Any
+  validate: Optional[Validate]
+  preemption: PreemptionWatcher
+  log: _TrainLog
+  summary: Optional[Dict[str, Any]] = None
+
+  def after_step(self, step: int, state) -> Tuple[Any, bool]:
+    """Logs, validates and checkpoints as due after `step`; returns `(state, stop)`."""
+    c = self.config
+    final = step == c.total_steps
+    if step % c.log_every_steps == 0 or final:
+      self.log.write(step)
+    validating = self.validate is not None and bool(
+        final or (c.eval_every_steps and step % c.eval_every_steps == 0))
+    stop = self.preemption.should_stop(step)
+    if validating or stop or step % c.checkpoint_every_steps == 0:
+      state = self.checkpoint(step, state, validating, final)
+    return state, stop
+
+  def checkpoint(self, step: int, state, validating: bool, final: bool):
+    """Saves `step` (validating first if asked); returns the state (plateau applied)."""
+    self.log.check_finite()
+    scores = None
+    if validating:
+      state = self.run_validation(step, state, final)
+      scores = {checkpoint.BEST_METRIC: self.summary["top1"]}
+    self.writer.flush()  # before the checkpoint: its rows must survive a kill after it
+    self.ckpt.save(step, state, self.train_iter, self.config, metrics=scores)
+    self.log.restart_clock()
+    return state
+
+  def run_validation(self, step: int, state, final: bool):
+    """Runs the callback and logs its summary (see the module docstring)."""
+    summary = self.validate(state.variables, final)
+    split = summary["split"]
+    kind, prefix = ("eval", split) if final else ("eval_during_training",
+                                                  f"{split}_during_training")
+    self.writer.write(kind, step, summary, prefix)
+    logging.info("step %d: %s top-1 %.4f (%s)", step, split, summary["top1"], kind)
+    self.summary = summary
+    if self.config.optim.schedule == "plateau":
+      state = _apply_plateau(state, summary["top1"], self.config, self.mesh)
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike,
+                       validate: Optional[Validate] = None) -> Optional[Dict[str, Any]]:
   """Trains (or resumes) and validates; returns the last validation summary.
 
+  Args:
+    config: the experiment config.
+    workdir: the run's directory, local or remote (`gs://...`).
+    validate: the validation callback (see the module docstring); None skips
+      validation.
+
   Raises:
-    ValueError: bad config values, or a checkpoint of another model in `workdir`.
+    ValueError: bad config values.
+    checkpoint.IncompatibleCheckpointError: a checkpoint of another model in `workdir`.
+    checkpoint.UnreadableCheckpointsError: checkpoints, none of them readable.
     NonFiniteLossError: the loss became NaN or infinite.
   """
   check_config(config)
@@ -116,72 +240,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       config, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count()))
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = state_lib.initial_state(config, model, tx, mesh)
-  else:
-    logging.info("resuming from %s/%d", ckpt.directory, latest)
-    state = ckpt.restore(latest, abstract_state, config, train_iter)
-  start = int(jax.device_get(state.step))
-  logging.info("%s: %d classes, %d training videos; %d devices in %d processes; "
-               "steps %d -> %d", meta.name, meta.num_classes,
-               meta.num_examples.get(config.data.train_split, -1), jax.device_count(),
-               jax.process_count(), start, config.total_steps)
-
-  train_step = steps.make_train_step(
-      model, tx, learning_rate_fn=lr_fn, label_smoothing=config.optim.label_smoothing,
-      dropout_seed=config.seed, mesh=mesh)
-  eval_step = steps.make_eval_step(model, mesh)
   writer = writers.MetricWriter(workdir)
   preemption = PreemptionWatcher()
-  summary = (ckpt.manager.metrics(latest) or None) if latest else None
-  pending = []
-  window_start, window_steps = time.perf_counter(), 0
   try:
+    state, summary = restore_or_initialize(config, ckpt, abstract_state, model, tx, mesh,
+                                           train_iter)
+    start = int(jax.device_get(state.step))
+    logging.info("%s: %d classes, %d training videos; %d devices in %d processes; "
+                 "steps %d -> %d", meta.name, meta.num_classes,
+                 meta.num_examples.get(config.data.train_split, -1), jax.device_count(),
+                 jax.process_count(), start, config.total_steps)
+    train_step = steps.make_train_step(
+        model, tx, learning_rate_fn=lr_fn, label_smoothing=config.optim.label_smoothing,
+        dropout_seed=config.seed, mesh=mesh)
     with writers.progress_bar(config.total_steps, start) as bar:
+      run = _Run(config, mesh, ckpt, writer, train_iter, validate, preemption,
+                 _TrainLog(config, writer, bar), summary)
       for step in range(start + 1, config.total_steps + 1):
-        batch = sharding.shard_batch(next(train_iter), mesh)
-        state, step_metrics = train_step(state, batch)
-        pending.append((step, step_metrics))
-        window_steps += 1
-        bar.update(1)
-        last = step == config.total_steps
-        if step % config.log_every_steps == 0 or last:
-          means = _fetch_train_metrics(pending, config.halt_on_nonfinite)
-          elapsed = time.perf_counter() - window_start
-          means.update(steps_per_sec=window_steps / elapsed,
-                       examples_per_sec=window_steps * config.batch_size / elapsed)
-          writer.write("train", step, means, "train")
-          bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.3g}")
-          window_start, window_steps = time.perf_counter(), 0
-
-        validate = last or (config.eval_every_steps
-                            and step % config.eval_every_steps == 0)
-        stop = preemption.should_stop(step)
-        if validate or stop or step % config.checkpoint_every_steps == 0:
-          _fetch_train_metrics(pending, config.halt_on_nonfinite)
-          scores = None
-          if validate:
-            _, summary = evaluate_lib.validate(config, eval_step, state.variables, mesh,
-                                               config.data.eval_split)
-            summary["split"] = config.data.eval_split
-            writer.write("eval", step, summary, config.data.eval_split)
-            logging.info("step %d: %s top-1 %.4f", step, config.data.eval_split,
-                         summary["top1"])
-            scores = {checkpoint.BEST_METRIC: summary["top1"]}
-            if config.optim.schedule == "plateau":
-              state = _apply_plateau(state, summary["top1"], config, mesh)
-          ckpt.save(step, state, train_iter, config, metrics=scores)
-          window_start, window_steps = time.perf_counter(), 0
+        state, metrics = train_step(state, sharding.shard_batch(next(train_iter), mesh))
+        run.log.add(step, metrics)
+        state, stop = run.after_step(step, state)
         if stop:
           logging.warning("SIGTERM: saved step %d, exiting", step)
           break
   finally:
+    train_iter.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
     preemption.close()
-  return summary
+  return run.summary
 
 
 def _apply_plateau(state, top1: float, config, mesh):

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+from absl import logging
 from flax import traverse_util
 
 from gta_jax.models import gta
@@ -37,36 +38,53 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.optim.base_lr * config.batch_size / config.optim.lr_batch_size
 
 
+def warmup_steps(config: ml_collections.ConfigDict) -> int:
+  """`config.optim.warmup_steps`, clipped (with a warning) to runs shorter than it.
+
+  A smoke run (`--config.total_steps=5` of a recipe with 20 warm-up steps) then warms
+  up over all but its last step.
+
+  Raises:
+    ValueError: a negative count.
+  """
+  warmup, total = config.optim.warmup_steps, config.total_steps
+  if warmup < 0:
+    raise ValueError(f"config.optim.warmup_steps must be >= 0, got {warmup}")
+  if warmup < total:
+    return warmup
+  logging.log_first_n(logging.WARNING, "config.optim.warmup_steps=%d is not shorter "
+                      "than total_steps=%d: warming up for %d steps", 1, warmup, total,
+                      total - 1)
+  return total - 1
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """The schedule `config.optim.schedule` names, with warm-up (see module doc)."""
   o, total = config.optim, config.total_steps
   if o.schedule not in SCHEDULES:
     raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
-  if not 0 <= o.warmup_steps < total:
-    raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be in "
-                     f"[0, total_steps={total})")
+  warmup = warmup_steps(config)
   peak = peak_learning_rate(config)
   if o.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, peak, o.warmup_steps, total, 0.0)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, 0.0)
   if o.schedule == "step":
     fractions = tuple(o.step_boundaries)
     if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(fractions):
       raise ValueError("config.optim.step_boundaries must be increasing fractions of "
                        f"total_steps in (0, 1), got {fractions}")
     steps = [int(f * total) for f in fractions]
-    if steps[0] <= o.warmup_steps or len(set(steps)) < len(steps):
+    if steps[0] <= warmup or len(set(steps)) < len(steps):
       raise ValueError(f"config.optim.step_boundaries={fractions} of total_steps={total} "
                        f"give steps {steps}: they must be distinct and after the "
-                       f"{o.warmup_steps} warm-up steps")
+                       f"{warmup} warm-up steps")
     # The count restarts after the warm-up.
     main = optax.piecewise_constant_schedule(
-        peak, {s - o.warmup_steps: o.step_factor for s in steps})
+        peak, {s - warmup: o.step_factor for s in steps})
   else:
     main = optax.constant_schedule(peak)
-  if not o.warmup_steps:
+  if not warmup:
     return main
-  warmup = optax.linear_schedule(0.0, peak, o.warmup_steps)
-  return optax.join_schedules([warmup, main], [o.warmup_steps])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def weight_decay_mask(params: Any) -> Any:

@@ -12,47 +12,78 @@ In a multi-process run every process reads its own slice of the batch and
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Type
 
 import jax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = "data"
 
 
-def _cluster_detected() -> bool:
-  """True under a multi-process launcher that `jax.distributed` auto-detects."""
-  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if int(os.environ.get(var, "1") or 1) > 1:
-      return True
-  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+# Slurm step ids at and above this are the batch script, the interactive shell of
+# `salloc` and other special steps, not tasks started by `srun`.
+_SLURM_SPECIAL_STEPS = 0xFFFFFFF0
+
+
+def _inside_slurm_step() -> bool:
+  step = os.environ.get("SLURM_STEP_ID", "")
+  return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
+
+
+def detect_cluster() -> Optional[Type[Any]]:
+  """The cluster that `jax.distributed.initialize()` would find, if it spans processes.
+
+  Asks JAX's own detection (`jax._src.clusters`: Cloud TPU VMs through their metadata
+  server, GKE, SLURM, Open MPI, Kubernetes), in JAX's order, skipping the opt-in
+  methods. SLURM counts only inside a job step (`srun`): the variables an `salloc`
+  shell or a batch script leave behind describe the allocation, not this process.
+
+  Returns:
+    The `ClusterEnv` class, or None when there is none or it holds one process.
+  """
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if env.opt_in_only_method or not env.is_env_present():
+      continue
+    if env.name == "slurm" and not _inside_slurm_step():
+      continue
+    return env if env.get_process_count() > 1 else None
+  return None
 
 
 def initialize_distributed(coordinator_address: str = "",
                            num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+                           process_id: Optional[int] = None,
+                           single_process: bool = False) -> None:
   """Starts `jax.distributed` when the run spans several processes.
 
   With a `coordinator_address` ('host:port') the process count and id must be
   given too (plain clusters, or several processes on one machine). Without one,
-  multi-host TPU VMs, SLURM and Open MPI launches are detected from their
-  environment and JAX finds the coordinator itself; a single process does nothing.
-  CPU collectives use gloo.
+  :func:`detect_cluster` decides, and JAX finds the coordinator itself;
+  `single_process` (the CLIs' `--single_process`) skips the detection. CPU
+  collectives use gloo.
 
   Raises:
-    ValueError: a coordinator address without the process count and id.
+    ValueError: a coordinator address without the process count and id, or with
+      `single_process`.
   """
   if coordinator_address:
+    if single_process:
+      raise ValueError("--single_process contradicts --coordinator_address")
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator_address needs --num_processes and --process_id")
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif _cluster_detected():
+    return
+  cluster = None if single_process else detect_cluster()
+  if cluster is not None:
+    logging.info("%s cluster detected: starting jax.distributed", cluster.__name__)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    jax.distributed.initialize(cluster_detection_method=cluster.name or None)
 
 
 def make_mesh() -> Mesh:
@@ -74,6 +105,25 @@ def check_batch_size(batch_size: int, key: str = "config.batch_size") -> None:
   if not isinstance(batch_size, int) or batch_size < 1 or batch_size % devices:
     raise ValueError(f"{key}={batch_size!r} must be a positive multiple of the "
                      f"device count ({devices} devices in {processes} processes)")
+
+
+def round_eval_batch_size(batch_size: int, key: str = "config.eval.batch_size") -> int:
+  """`batch_size` rounded to the nearest positive multiple of the device count.
+
+  Evaluation pads its last batch anyway, so (unlike the training batch) a size that
+  does not divide over the devices is adjusted, with a warning, rather than refused.
+
+  Raises:
+    ValueError: not a positive int.
+  """
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"{key} must be a positive int, got {batch_size!r}")
+  devices = jax.device_count()
+  rounded = max(devices, round(batch_size / devices) * devices)
+  if rounded != batch_size:
+    logging.warning("%s=%d does not divide over %d devices: using %d", key, batch_size,
+                    devices, rounded)
+  return rounded
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
