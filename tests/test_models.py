@@ -18,6 +18,7 @@ from gta_jax.models import baselines
 from gta_jax.models import build_model
 from gta_jax.models import cpu_kernels
 from gta_jax.models import hooks
+from gta_jax.models import registry
 from gta_jax.models import resnet
 
 
@@ -239,7 +240,17 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert logits.dtype == jnp.float32
   _, _, reference_apply = init_apply(tiny("tsm"), x)
   reference = reference_apply(variables, x)
-  np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.05)
+  # Each of the `depth` matmul layers (stem, 3 convs per block, classifier) takes
+  # its input rounded to bf16, a relative error of at most eps; BatchNorm keeps
+  # the scale, so the errors add up along the depth, as a random walk:
+  # |error| <= sqrt(depth) eps max|logits| (3.7 eps here). Measured: 0.32 eps
+  # (0.43 eps with every parameter perturbed by N(0, 0.1)); the former bound,
+  # atol 0.05, was 0.39 of the largest logit. A softmax computed in bf16 does not
+  # stand out at this depth (a TSM with Non-local blocks: 0.024 -> 0.031 on 7.2
+  # logits); tests/test_attention.py bounds the attention alone and catches it.
+  depth = 2 + 3 * sum(registry.stage_sizes(config.model))
+  bound = depth**0.5 * float(jnp.finfo(jnp.bfloat16).eps) * float(jnp.max(jnp.abs(reference)))
+  assert float(jnp.max(jnp.abs(logits - reference))) <= bound
 
 
 def test_conv_padding_matches_torchvision_output_sizes():
