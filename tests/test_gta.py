@@ -295,7 +295,13 @@ def test_bfloat16_close_to_float32():
   want = block.apply(variables, x)
   got = block.clone(dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16))
   assert got.dtype == jnp.bfloat16
-  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.1, rtol=0.05)
+  # Each of the 8 roundings to bf16 along the longest path (the q, k, v inputs,
+  # the softmax weights, the spatial output, the head projection, the temporal
+  # weights, the temporal mix, the out conv's input) adds at most eps relative to
+  # the block's scale: |error| <= 8 eps max|out|. Measured 2.5-4.3 eps (seeds 0-2).
+  error = jnp.abs(got.astype(jnp.float32) - want)
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  assert float(error.max()) <= 8 * eps * float(jnp.abs(want).max())
 
 
 def test_other_clip_length_is_refused():
