@@ -1,5 +1,8 @@
 """What the command-line tools share: flags, and the process they run in."""
 
+import glob
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -19,6 +22,25 @@ def glibc_has_hugetlb() -> bool:
           and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35))
 
 
+def accelerator_expected() -> bool:
+  """Whether JAX will run on a GPU or TPU here, judged without starting a backend.
+
+  `JAX_PLATFORMS`, when set, decides (its first entry). Otherwise: a CUDA or ROCm
+  plugin of JAX installed (a `jax_plugins` entry point) with its device files
+  (`/dev/nvidiactl`, `/dev/kfd`), or `libtpu` with a TPU (`/dev/accel*`,
+  `/dev/vfio/<n>`).
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() != "cpu"
+  plugins = " ".join(ep.name for ep in importlib.metadata.entry_points(group="jax_plugins"))
+  gpu = (("cuda" in plugins and os.path.exists("/dev/nvidiactl"))
+         or ("rocm" in plugins and os.path.exists("/dev/kfd")))
+  tpu = (importlib.util.find_spec("libtpu") is not None
+         and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+  return gpu or tpu
+
+
 def use_huge_pages() -> None:
   """Re-executes this process with glibc's malloc on transparent huge pages.
 
@@ -30,12 +52,13 @@ def use_huge_pages() -> None:
   them (the step: 1.38 s -> 1.13 s). Tunables are read when the process starts, hence
   the `exec` of the same command line with `GLIBC_TUNABLES` extended.
 
-  Does nothing off Linux/glibc 2.35+, when `GLIBC_TUNABLES` already names the
-  tunable, or when `GTA_JAX_HUGE_PAGES=0`. Call it first thing in `__main__`,
-  before any thread or file is opened.
+  Does nothing off Linux/glibc 2.35+, on a GPU or TPU host
+  (:func:`accelerator_expected`: the step's buffers live on the device), when
+  `GLIBC_TUNABLES` already names the tunable, or when `GTA_JAX_HUGE_PAGES=0`. Call
+  it first thing in `__main__`, before any thread or file is opened.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if (not glibc_has_hugetlb() or not sys.executable
+  if (not glibc_has_hugetlb() or not sys.executable or accelerator_expected()
       or "glibc.malloc.hugetlb" in tunables or os.environ.get(HUGE_PAGES_ENV) == "0"):
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))

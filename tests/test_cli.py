@@ -41,7 +41,8 @@ def test_keeps_the_tunables_already_set():
 
 
 @pytest.mark.parametrize("env", [{cli.HUGE_PAGES_ENV: "0"},
-                                 {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}])
+                                 {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+                                 {"JAX_PLATFORMS": "cuda"}, {"JAX_PLATFORMS": "tpu,cpu"}])
 def test_leaves_the_process_alone_when_told_or_already_set(env):
   lines = run_script(**env)
   assert lines == ["started", f"tunables {env.get('GLIBC_TUNABLES')!r} argv ['--flag', 'a b']"]
