@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.flip = True  # False for Something-Something (left/right labels)
   c.data.test_scale = 256
   c.data.resize_short = 256  # at preparation
-  c.data.num_workers = 2
+  c.data.num_workers = -1  # decoding processes; -1: one per core this process may use
+  c.data.read_threads = -1  # per process; -1: its share of those cores
   c.data.prefetch = 2
   c.data.jpeg_quality = 90  # at preparation
   c.data.prepare_workers = 0  # decoding processes at preparation; 0 = one per CPU

@@ -1,13 +1,17 @@
-"""When the CLIs start jax.distributed (JAX's own cluster detection), and eval batches.
+"""When the CLIs start jax.distributed (JAX's own cluster detection), eval batches,
+the prefetch of batches to the devices and the input pipeline's default parallelism.
 
 Each cluster's environment is faked (variables, and the Cloud TPU metadata server);
 `jax.distributed.initialize` itself is replaced, so no service starts.
 """
 
 import jax
+import numpy as np
 import pytest
 from jax._src.clusters import cloud_tpu_cluster
 
+from gta_jax import config_lib
+from gta_jax.data import pipeline
 from gta_jax.training import sharding
 
 CLUSTER_VARIABLES = (
@@ -139,3 +143,48 @@ def test_training_batch_keeps_its_error(monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 3)
   with pytest.raises(ValueError, match="config.batch_size=32 must be a positive multiple"):
     sharding.check_batch_size(32, "config.batch_size")
+
+
+class CountingBatches:
+  """Batches 0, 1, 2, ... with a position state, like `pipeline.BatchIterator`."""
+
+  def __init__(self):
+    self.next = 0
+
+  def __next__(self):
+    batch = {"x": np.full((2, 3), self.next, np.float32)}
+    self.next += 1
+    return batch
+
+  def get_state(self):
+    return self.next
+
+  def set_state(self, state):
+    self.next = state
+
+
+def test_device_prefetcher_reads_ahead_but_saves_the_position_handed_out():
+  batches = CountingBatches()
+  prefetcher = sharding.DevicePrefetcher(batches, sharding.make_mesh(), size=2)
+  first = next(prefetcher)
+  assert isinstance(first["x"], jax.Array) and float(first["x"][0, 0]) == 0
+  assert batches.next == 3  # two batches wait on the devices
+  assert prefetcher.get_state() == 1  # the next batch the step has not seen
+  prefetcher.set_state(prefetcher.get_state())
+  assert [float(next(prefetcher)["x"][0, 0]) for _ in range(3)] == [1, 2, 3]
+
+
+def test_device_prefetcher_ends_with_its_input():
+  out = list(sharding.DevicePrefetcher(iter([{"x": np.zeros(2)}] * 3),
+                                       sharding.make_mesh()))
+  assert len(out) == 3
+
+
+@pytest.mark.parametrize("workers,threads,want", [(-1, -1, (8, 1)), (0, -1, (0, 8)),
+                                                  (2, -1, (2, 4)), (3, 5, (3, 5))])
+def test_input_workers_and_threads_default_to_the_host_cores(workers, threads, want,
+                                                             monkeypatch):
+  monkeypatch.setattr(pipeline, "host_cores", lambda: 8)
+  d = config_lib.base_config().data
+  d.num_workers, d.read_threads = workers, threads
+  assert (pipeline.worker_count(d), pipeline.read_thread_count(d)) == want

@@ -349,10 +349,29 @@ def _local_batch(global_batch: int, process_count: int, what: str) -> int:
   return global_batch // process_count
 
 
-def _read_options() -> grain.ReadOptions:
-  # Each element of the iter dataset is a whole batch: a few threads decode batches
-  # ahead (cv2 releases the GIL), on top of the worker processes, if any.
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+def host_cores() -> int:
+  """The CPU cores this process may use (its affinity: a SLURM task's share)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def worker_count(data_config) -> int:
+  """`data.num_workers`, with -1 meaning one per core of :func:`host_cores`."""
+  workers = int(data_config.num_workers)
+  return host_cores() if workers < 0 else workers
+
+
+def read_thread_count(data_config) -> int:
+  """`data.read_threads`, with -1 meaning the cores divided among the workers."""
+  threads = int(data_config.read_threads)
+  return max(1, host_cores() // max(1, worker_count(data_config))) if threads < 0 else threads
+
+
+def _read_options(data_config) -> grain.ReadOptions:
+  # Each element of the iter dataset is a whole batch: threads decode batches ahead
+  # (cv2 releases the GIL), in each worker process if there are any.
+  return grain.ReadOptions(num_threads=read_thread_count(data_config), prefetch_buffer_size=2)
 
 
 def _to_iter(ds: grain.MapDataset, data_config) -> grain.IterDataset:
@@ -362,8 +381,8 @@ def _to_iter(ds: grain.MapDataset, data_config) -> grain.IterDataset:
   batches `w, w + W, ...` and the stream is the same batches in the same order for any
   number of workers.
   """
-  it = ds.to_iter_dataset(_read_options())
-  workers = int(data_config.num_workers)
+  it = ds.to_iter_dataset(_read_options(data_config))
+  workers = worker_count(data_config)
   if workers > 0:
     _prepare_workers(workers)
     it = it.mp_prefetch(grain.MultiprocessingOptions(

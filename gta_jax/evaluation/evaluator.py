@@ -1,7 +1,12 @@
-"""Runs the multi-view eval step over a split and gathers one row per video."""
+"""Runs the multi-view eval step over a split and gathers one row per video.
+
+Batches go to the devices two ahead of the step, and the outputs stay there until the
+split is done: the host waits for the devices once per split.
+"""
 
 from typing import Callable, Dict, Iterable
 
+import jax
 import numpy as np
 
 from gta_jax.training import sharding
@@ -24,16 +29,17 @@ def predict(eval_step: Callable, variables, loader: Iterable, mesh
   Raises:
     RuntimeError: if a video came twice (the loader's sharding is wrong).
   """
-  chunks = {"probs": [], "label": [], "video_index": []}
-  for batch in loader:
-    batch = dict(batch, video_index=np.asarray(batch["video_index"]).astype(np.int32))
-    out = eval_step(variables, sharding.shard_batch(batch, mesh))
-    keep = np.asarray(out["mask"]).astype(bool)
-    for k in chunks:
-      chunks[k].append(np.asarray(out[k])[keep])
-  if not chunks["probs"]:
+  batches = (dict(b, video_index=np.asarray(b["video_index"]).astype(np.int32))
+             for b in loader)
+  # The outputs stay on the devices until the split is done: one synchronisation.
+  outputs = [eval_step(variables, batch)
+             for batch in sharding.DevicePrefetcher(batches, mesh)]
+  if not outputs:
     raise ValueError("the eval loader yielded no batches")
-  result = {k: np.concatenate(v) for k, v in chunks.items()}
+  outputs = jax.device_get(outputs)
+  keep = np.concatenate([np.asarray(out["mask"]).astype(bool) for out in outputs])
+  result = {k: np.concatenate([np.asarray(out[k]) for out in outputs])[keep]
+            for k in ("probs", "label", "video_index")}
   order = np.argsort(result["video_index"], kind="stable")
   result = {k: v[order] for k, v in result.items()}
   index = result["video_index"]

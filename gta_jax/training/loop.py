@@ -176,6 +176,21 @@ class _Run:
   preemption: PreemptionWatcher
   log: _TrainLog
   summary: Optional[Dict[str, Any]] = None
+  data_wait: float = 0.0  # seconds the loop waited for the next batch
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def next_batch(self) -> Any:
+    """The next training batch, on the devices; the wait for it is counted."""
+    begin = time.perf_counter()
+    batch = next(self.train_iter)
+    self.data_wait += time.perf_counter() - begin
+    return batch
+
+  def log_data_wait(self) -> None:
+    """Logs the fraction of the wall time the loop spent waiting for data."""
+    wall = time.perf_counter() - self.started
+    logging.info("waited for input data %.1f%% of the %.0f s of training (%.1f s)",
+                 100 * self.data_wait / max(wall, 1e-9), wall, self.data_wait)
 
   def after_step(self, step: int, state) -> Tuple[Any, bool]:
     """Logs, validates and checkpoints as due after `step`; returns `(state, stop)`."""
@@ -236,9 +251,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
   mesh = sharding.make_mesh()
   meta = prepare_data(config)
   model, tx, lr_fn, abstract_state = state_lib.build(config, mesh)
-  train_iter = iter(pipeline.make_train_loader(
+  train_iter = sharding.DevicePrefetcher(iter(pipeline.make_train_loader(
       config, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+      process_count=jax.process_count())), mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   writer = writers.MetricWriter(workdir)
   preemption = PreemptionWatcher()
@@ -257,12 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
       run = _Run(config, mesh, ckpt, writer, train_iter, validate, preemption,
                  _TrainLog(config, writer, bar), summary)
       for step in range(start + 1, config.total_steps + 1):
-        state, metrics = train_step(state, sharding.shard_batch(next(train_iter), mesh))
+        state, metrics = train_step(state, run.next_batch())
         run.log.add(step, metrics)
         state, stop = run.after_step(step, state)
         if stop:
           logging.warning("SIGTERM: saved step %d, exiting", step)
           break
+    run.log_data_wait()
   finally:
     train_iter.close()
     ckpt.wait()

@@ -11,8 +11,9 @@ In a multi-process run every process reads its own slice of the batch and
 `jax.make_array_from_process_local_data`.
 """
 
+import collections
 import os
-from typing import Any, Optional, Type
+from typing import Any, Iterator, Optional, Type
 
 import jax
 from absl import logging
@@ -142,3 +143,50 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+class DevicePrefetcher:
+  """Hands out the batches of `batches` sharded on the devices, `size` of them ahead.
+
+  `jax.make_array_from_process_local_data` starts the host-to-device copies without
+  waiting for them, so the next `size` batches travel while the current step runs.
+  For an iterator with `get_state`/`set_state` (a `pipeline.BatchIterator`), so does
+  this one, and its state is the position of the next batch handed out (not of the
+  next one read ahead): a checkpoint resumes at the batch the model has not seen.
+  """
+
+  def __init__(self, batches: Iterator[Any], mesh: Mesh, size: int = 2):
+    self._batches = batches
+    self._mesh = mesh
+    self._size = size
+    self._ahead = collections.deque()  # (state before the batch, sharded batch)
+
+  def __iter__(self) -> "DevicePrefetcher":
+    return self
+
+  def _state(self) -> Any:
+    return self._batches.get_state() if hasattr(self._batches, "get_state") else None
+
+  def __next__(self) -> Any:
+    while len(self._ahead) <= self._size:
+      state = self._state()
+      try:
+        batch = next(self._batches)
+      except StopIteration:
+        break
+      self._ahead.append((state, shard_batch(batch, self._mesh)))
+    if not self._ahead:
+      raise StopIteration
+    return self._ahead.popleft()[1]
+
+  def get_state(self) -> Any:
+    return self._ahead[0][0] if self._ahead else self._state()
+
+  def set_state(self, state: Any) -> None:
+    self._ahead.clear()
+    self._batches.set_state(state)
+
+  def close(self) -> None:
+    self._ahead.clear()
+    if hasattr(self._batches, "close"):
+      self._batches.close()
