@@ -1,13 +1,11 @@
-"""synthetic_ssa: SSA (scaled, residual) on a TSM backbone.
+"""synthetic_ssa: SSA alone in the tiny synthetic ResNet.
 
-See `gta_jax.config_lib.synthetic_config` for the recipe.
-
-Like `synthetic_gta.py`: on this data SSA alone learns slowly (README, "Results");
-`--config.model.temporal_modules=ssa` trains it without the shifts.
+SSA inside res4 and res5 block 0 (scaled, residual), no other temporal module;
+see `gta_jax.config_lib.synthetic_config` for the recipe.
 """
 
 from gta_jax import config_lib
 
 
 def get_config():
-  return config_lib.synthetic_config('tsm,ssa')
+  return config_lib.synthetic_config('ssa')

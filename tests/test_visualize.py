@@ -11,6 +11,7 @@ import pytest
 
 from gta_jax import config_lib
 from gta_jax import visualize
+from gta_jax.models import gta
 from gta_jax.training import checkpoint
 
 LAYERS = ("res3_block0/post/pixel_temporal", "res4_block2/post/region_temporal")
@@ -54,10 +55,11 @@ def run(tmp_path_factory):
   rng = np.random.default_rng(0)
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
   logits = {}
+  config = config_lib.synthetic_config("gta")
+  config.model.gta.global_norm = "softmax"
   for step, top1 in ((1, 0.9), (2, 0.1)):
     params, logits[step] = planted_params(rng)
-    ckpt.save(step, {"params": params}, None, config_lib.synthetic_config("gta"),
-              metrics={"top1": top1})
+    ckpt.save(step, {"params": params}, None, config, metrics={"top1": top1})
   ckpt.wait()
   ckpt.close()
   write_metrics(workdir)
@@ -100,6 +102,38 @@ def test_attention_figure_shows_each_head(run):
   assert len(shown) == HEADS
   for h in range(HEADS):
     np.testing.assert_allclose(np.asarray(shown[h]), maps[layer][h])
+
+
+@pytest.mark.parametrize("global_norm", ["softmax-identity", "signed"])
+def test_attention_maps_follow_the_runs_global_norm(tmp_path, global_norm):
+  """The maps are the run's `A`: `softmax(G) - I` or `G` itself, read from the
+  checkpoint's config."""
+  params, logits = planted_params(np.random.default_rng(2))
+  config = config_lib.synthetic_config("gta")
+  config.model.gta.global_norm = global_norm
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(3, {"params": params}, None, config)
+  ckpt.close()
+  maps, _ = visualize.load_attention_maps(str(tmp_path))
+  for layer in LAYERS:
+    want = (softmax_rows(logits[layer]) - np.eye(T) if global_norm == "softmax-identity"
+            else logits[layer])
+    np.testing.assert_allclose(maps[layer], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("global_norm", gta.GLOBAL_NORMS)
+def test_attention_figure_for_every_global_norm(global_norm):
+  """The maps of every `config.model.gta.global_norm` (rows summing to 1, to 0, or
+  signed) are drawn head by head on the layer's own colour range."""
+  logits = np.random.default_rng(1).normal(0, 2, (HEADS, T, T)).astype(np.float32)
+  maps = gta.global_attention_maps({"params": {"layer": {"global_logits": logits}}},
+                                   global_norm)["layer"]
+  fig = visualize.attention_figure("layer", np.asarray(maps))
+  shown = [ax.images[0] for ax in fig.axes if ax.images]
+  assert len(shown) == HEADS
+  for h, image in enumerate(shown):
+    np.testing.assert_allclose(np.asarray(image.get_array()), maps[h])
+    assert image.get_clim() == (float(maps.min()), float(maps.max()))
 
 
 def test_save_run_figures_writes_pngs(run, tmp_path):

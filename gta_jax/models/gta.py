@@ -203,8 +203,8 @@ class GlobalTemporalAttention(nn.Module):
   """
   temporal_attention: str = "global"
   granularity: str = "both"
-  temporal_input: str = "s"
-  global_norm: str = "softmax"
+  temporal_input: str = "s+v"
+  global_norm: str = "softmax-identity"
   global_init: str = "random"
   global_init_std: float = 0.02
   gate_init: float = 0.0
@@ -284,7 +284,7 @@ def _gta_config() -> ml_collections.ConfigDict:
   # The Non-local placement: every other block of res3 (2) and res4 (3).
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", temporal_attention="global",
-      granularity="both", temporal_input="s", global_norm="softmax",
+      granularity="both", temporal_input="s+v", global_norm="softmax-identity",
       global_init="random", global_init_std=0.02, gate_init=0.0, region_norm=False,
       num_heads=8, num_regions=8, reduction=2, cross_channel=True))
 

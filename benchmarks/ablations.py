@@ -1,0 +1,274 @@
+r"""Ablations on the embedded task: trains rows, caches each run, writes docs/ablations.md.
+
+    python benchmarks/ablations.py --rows=gta,tsn --seeds=0,1 \
+        [--workdir_root=/tmp/ablations] [--data_dir=./data]
+    python benchmarks/ablations.py --rows=   # only regenerate the table
+
+Each row is a config of `configs/` with `--config.` overrides, trained and evaluated
+with the README's commands (`train.py` then `eval.py`, 600 steps of the synthetic
+recipe), one run at a time, once per seed (`--config.seed`). Every finished run is
+cached as a small JSON in `benchmarks/ablation_runs/<row>_seed<N>.json`: the config,
+overrides, seed, both commands, val top-1 / top-5, the accuracy on each reversed pair
+of classes and the train and eval wall times (and a `note` where a run needs one). A cached run is skipped (`--force`
+re-runs it); a cache whose overrides differ from the row's definition is stale,
+re-run and left out of the table. The table in `docs/ablations.md` is regenerated
+from every cached run after each run, with the verdict on each claim of the GTA
+abstract computed from the numbers (:data:`CLAIMS`).
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (config file, overrides, what the row changes). The GTA rows change one
+# switch of configs/synthetic_gta.py each.
+ROWS = {
+    "gta": ("synthetic_gta", (), "GTA alone, the default recipe"),
+    "tsn": ("synthetic_tsn", (), "TSN, no temporal module"),
+    "tsm": ("synthetic_tsm", (), "TSM shift in every block"),
+    "ssa": ("synthetic_ssa", (), "SSA alone, the default recipe"),
+    "gta_instance": ("synthetic_gta", ("model.gta.temporal_attention=instance",),
+                     "GTA, q.k attention over frames instead of the global matrix"),
+    "tsm_gta": ("synthetic_tsm_gta", (), "GTA on a TSM backbone"),
+    "gta_global_instance": (
+        "synthetic_gta", ("model.gta.temporal_attention=global+instance",),
+        "GTA, global matrix plus q.k logits"),
+    "gta_pixel": ("synthetic_gta", ("model.gta.granularity=pixel",),
+                  "GTA, pixel branch only"),
+    "gta_region": ("synthetic_gta", ("model.gta.granularity=region",),
+                   "GTA, region branch only"),
+    "gta_grouped_heads": ("synthetic_gta", ("model.gta.cross_channel=False",),
+                          "GTA, each head projects only its own channels"),
+    "nl3d": ("synthetic_nl", ("model.nl.kind=3d", "model.nl.placement=res3:0;res4:0"),
+             "joint space-time (3D) Non-local at GTA's places"),
+    "gta_input_s": ("synthetic_gta", ("model.gta.temporal_input=s",),
+                    "GTA, temporal step on the spatial attention's output only"),
+    "gta_input_xs": ("synthetic_gta", ("model.gta.temporal_input=x+s",),
+                     "GTA, temporal step on s + a projection of x"),
+    "gta_gate0": ("synthetic_gta", ("model.gta.gate_init=0.0",),
+                  "GTA, output BN scale starting at 0 (identity at init)"),
+    "gta_softmax": ("synthetic_gta", ("model.gta.global_norm=softmax",),
+                    "GTA, A = row softmax of G"),
+    "gta_signed": ("synthetic_gta", ("model.gta.global_norm=signed",),
+                   "GTA, A = G (signed, unnormalised)"),
+    "gta_identity_init": ("synthetic_gta", ("model.gta.global_init=identity",),
+                          "GTA, G initialised with a diagonal bias"),
+    "gta_region_norm": ("synthetic_gta", ("model.gta.region_norm=True",),
+                        "GTA, region scatter-back normalised over K"),
+    "gta_res4_res5": ("synthetic_gta", ("model.gta.placement=res4:0;res5:0",),
+                      "GTA after res4 and res5 block 0 (the previous placement)"),
+    "ssa_gate0": ("synthetic_ssa", ("model.ssa.gate_init=0.0",),
+                  "SSA, output BN scale starting at 0"),
+    "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
+                    "SSA, 1x1x1 temporal conv (blind to order)"),
+}
+
+# The abstract's claims: (claim, row that has it, rows without it).
+CLAIMS = (
+    ("temporal attention decoupled from (on top of) spatial attention",
+     "gta", ("nl3d",)),
+    ("a learned global attention matrix shared by all samples", "gta",
+     ("gta_instance",)),
+    ("cross-channel multi-head", "gta", ("gta_grouped_heads",)),
+    ("applied on pixels and on semantically similar regions", "gta",
+     ("gta_pixel", "gta_region")),
+)
+
+_ROWS = flags.DEFINE_list("rows", list(ROWS), "Rows to run, in order ('' = none).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of each row.")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "/tmp/ablations",
+                                    "Run folders go to <root>/<row>_seed<N>.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "./data", "config.data.data_dir.")
+_RUNS_DIR = flags.DEFINE_string("runs_dir", os.path.join(REPO, "benchmarks",
+                                                         "ablation_runs"),
+                                "Where the per-run JSON files are cached.")
+_DOC = flags.DEFINE_string("doc", os.path.join(REPO, "docs", "ablations.md"),
+                           "The generated table.")
+_FORCE = flags.DEFINE_bool("force", False, "Re-run cached runs.")
+
+
+def commands(row: str, seed: int, workdir: str, data_dir: str) -> List[List[str]]:
+  """The train and eval commands of one run, as run from the repository root."""
+  config, overrides, _ = ROWS[row]
+  flags_ = [f"--config=configs/{config}.py", f"--workdir={workdir}",
+            f"--config.seed={seed}", f"--config.data.data_dir={data_dir}"]
+  flags_ += [f"--config.{o}" for o in overrides]
+  return [["python", script] + flags_ for script in ("train.py", "eval.py")]
+
+
+def pair_accuracy(predictions_csv: str) -> Dict[str, float]:
+  """Accuracy on the videos of each reversed pair of classes."""
+  from gta_jax.data.builders import synthetic_motion  # pylint: disable=g-import-not-at-top
+  with open(predictions_csv) as f:
+    rows = [line.rstrip("\n").split(",") for line in f][1:]
+  out = {}
+  for first, second in synthetic_motion.PAIRS:
+    hits = [label == pred for _, label, pred, *_ in rows if label in (first, second)]
+    out[f"{first}/{second}"] = float(np.mean(hits))
+  return out
+
+
+def run_one(row: str, seed: int) -> Dict:
+  """Trains and evaluates one row with one seed; returns the cached record."""
+  workdir = os.path.join(_WORKDIR_ROOT.value, f"{row}_seed{seed}")
+  cmds = commands(row, seed, workdir, _DATA_DIR.value)
+  shutil.rmtree(workdir, ignore_errors=True)  # train.py would resume from it
+  seconds = []
+  for cmd in cmds:
+    start = time.perf_counter()
+    log = os.path.join(_WORKDIR_ROOT.value, f"{row}_seed{seed}_{cmd[1][:-3]}.log")
+    os.makedirs(_WORKDIR_ROOT.value, exist_ok=True)
+    with open(log, "w") as f:
+      done = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, stdout=f,
+                            stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+      raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}), see {log}")
+    seconds.append(time.perf_counter() - start)
+  eval_dir = os.path.join(workdir, "eval")
+  summaries = sorted((f for f in os.listdir(eval_dir)
+                      if f.startswith("val_step") and f.endswith(".json")),
+                     key=lambda f: int(f[len("val_step"):-len(".json")]))
+  with open(os.path.join(eval_dir, summaries[-1])) as f:
+    summary = json.load(f)
+  config, overrides, _ = ROWS[row]
+  return dict(
+      row=row, config=f"configs/{config}.py", overrides=list(overrides), seed=seed,
+      commands=[shlex.join(c) for c in cmds], step=summary["step"],
+      top1=summary["top1"], top5=summary["top5"],
+      per_pair=pair_accuracy(os.path.join(eval_dir,
+                                          summaries[-1][:-5] + "_predictions.csv")),
+      train_seconds=round(seconds[0], 1), eval_seconds=round(seconds[1], 1),
+      date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def load_runs(runs_dir: str) -> Dict[str, List[Dict]]:
+  """The cached runs whose overrides still match their row, by row."""
+  runs = {}
+  for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else ():
+    with open(os.path.join(runs_dir, name)) as f:
+      run = json.load(f)
+    if run["row"] in ROWS and run["overrides"] == list(ROWS[run["row"]][1]):
+      runs.setdefault(run["row"], []).append(run)
+  return runs
+
+
+def _verdict(runs: Dict[str, List[Dict]], having: str, without: Sequence[str]) -> str:
+  """`supported` when every seed of `having` beats every seed of each row in
+  `without`; `not supported` when its mean is not above one of theirs; otherwise
+  `inconclusive` (the seed ranges overlap)."""
+  if having not in runs or any(r not in runs for r in without):
+    missing = [r for r in (having, *without) if r not in runs]
+    return f"not measured (no runs of {', '.join(missing)})"
+  top1 = lambda row: [r["top1"] for r in runs[row]]
+  parts = [f"`{having}` {np.mean(top1(having)):.3f}"]
+  parts += [f"`{r}` {np.mean(top1(r)):.3f}" for r in without]
+  if any(np.mean(top1(having)) <= np.mean(top1(r)) for r in without):
+    word = "**not supported**"
+  elif all(min(top1(having)) > max(top1(r)) for r in without):
+    word = "**supported**"
+  else:
+    word = "**inconclusive** (the seeds' ranges overlap)"
+  return f"{word}: mean top-1 {', '.join(parts)}"
+
+
+def render(runs: Dict[str, List[Dict]]) -> str:
+  """docs/ablations.md from the cached runs."""
+  lines = [
+      "# Ablations on the embedded task",
+      "",
+      "Generated by `python benchmarks/ablations.py` from the runs cached in",
+      "`benchmarks/ablation_runs/`; do not edit by hand. Each row is `train.py` then",
+      "`eval.py` of a config of `configs/` with the listed `--config.` overrides (600",
+      "steps of 16 clips, AdamW), once per seed; val top-1 on the 250 validation videos",
+      "(1 clip x centre crop), the mean and the range over seeds. Pair accuracy: the",
+      "accuracy on the 50 videos of each pair of classes that are each other's reverse",
+      "in time (a model blind to frame order gets about 0.5 at best). Train time: the",
+      "wall time of `train.py` (compilation and data included) on a 2-core CPU shared",
+      "with other jobs, so only a rough guide.",
+      "",
+      "## The GTA abstract's claims on this task",
+      "",
+      "A claim is *supported* when every seed of the row that has the feature beats",
+      "every seed of the rows without it, *not supported* when its mean is not higher,",
+      "*inconclusive* otherwise.",
+      "",
+  ]
+  for claim, having, without in CLAIMS:
+    lines.append(f"- {claim}: {_verdict(runs, having, without)}.")
+  pair_names = None
+  table = []
+  for row in ROWS:
+    if row not in runs:
+      continue
+    rs = sorted(runs[row], key=lambda r: r["seed"])
+    top1 = [r["top1"] for r in rs]
+    pair_names = list(rs[0]["per_pair"])
+    pairs = [np.mean([r["per_pair"][p] for r in rs]) for p in pair_names]
+    config, overrides, what = ROWS[row]
+    table.append(
+        f"| `{row}` | {what} | `{config}` {' '.join(f'`{o}`' for o in overrides)} | "
+        f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | "
+        + " | ".join(f"{p:.2f}" for p in pairs)
+        + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} s | "
+        + ", ".join(str(r["seed"]) for r in rs) + " |")
+  lines += ["", "## Rows", ""]
+  if table:
+    short = [p.split("/")[0].replace("moving_", "").replace("rotating_", "")
+             for p in pair_names]
+    lines.append("| row | what | config, overrides | top-1 mean | min-max | "
+                 + " | ".join(f"{s}/rev." for s in short)
+                 + " | train time | seeds |")
+    lines.append("| --- " * (7 + len(short)) + "|")
+    lines += table
+  lines += ["", "## Commands", "",
+            "Each run's exact commands (the repository root as working directory):", ""]
+  for row in ROWS:
+    for r in sorted(runs.get(row, ()), key=lambda r: r["seed"]):
+      note = f" ({r['note']})" if "note" in r else ""
+      lines.append(f"- `{row}` seed {r['seed']} ({r['date']}): "
+                   + "; ".join(f"`{c}`" for c in r["commands"]) + note)
+  return "\n".join(lines) + "\n"
+
+
+def write_doc() -> None:
+  with open(_DOC.value, "w") as f:
+    f.write(render(load_runs(_RUNS_DIR.value)))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = [r for r in _ROWS.value if r not in ROWS]
+  if unknown:
+    raise app.UsageError(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
+  os.makedirs(_RUNS_DIR.value, exist_ok=True)
+  for row in _ROWS.value:
+    for seed in map(int, _SEEDS.value):
+      path = os.path.join(_RUNS_DIR.value, f"{row}_seed{seed}.json")
+      if os.path.exists(path) and not _FORCE.value:
+        with open(path) as f:
+          if json.load(f)["overrides"] == list(ROWS[row][1]):
+            continue
+      print(f"running {row} seed {seed}", flush=True)
+      record = run_one(row, seed)
+      with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+      print(f"{row} seed {seed}: top-1 {record['top1']:.3f}, train "
+            f"{record['train_seconds']:.0f} s", flush=True)
+      write_doc()
+  write_doc()
+
+
+if __name__ == "__main__":
+  app.run(main)
