@@ -131,12 +131,19 @@ def make_input(batch, frames, crop, num_classes):
   return x, torch.from_numpy(labels)
 
 
+def synchronize(device):
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
 def time_torch(args):
   """Median seconds of the PyTorch train and inference steps."""
-  model = build_model(args.model, args.frames, args.num_classes)
-  x, labels = make_input(args.batch, args.frames, args.crop, args.num_classes)
+  device = torch.device(args.device)
+  model = build_model(args.model, args.frames, args.num_classes).to(device)
+  x, labels = (a.to(device) for a in make_input(args.batch, args.frames, args.crop,
+                                                args.num_classes))
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  autocast = lambda: torch.autocast("cpu", torch.bfloat16,
+  autocast = lambda: torch.autocast(device.type, torch.bfloat16,
                                     enabled=args.dtype == "bfloat16")
 
   def logits_of(x):
@@ -157,10 +164,12 @@ def time_torch(args):
   def median_seconds(step):
     for _ in range(args.warmup):
       step()
+    synchronize(device)
     times = []
     for _ in range(args.steps):
       start = time.perf_counter()
       step()
+      synchronize(device)
       times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -170,14 +179,16 @@ def time_torch(args):
   return train_s, median_seconds(infer_step)
 
 
-def matmul_gflops(dtype, n=2048, steps=10):
-  a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_gflops(dtype, device, n=2048, steps=10):
+  a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
   for _ in range(2):
     a @ b
+  synchronize(a.device)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     a @ b
+    synchronize(a.device)
     times.append(time.perf_counter() - start)
   return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -205,6 +216,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=3,
                       help="alternations of PyTorch and JAX; 0 times PyTorch only")
+  parser.add_argument("--device", default="cpu",
+                      help="torch device, e.g. cuda (device_check.py's peer)")
   parser.add_argument("--jax_python", default=os.path.join(REPO, ".venv", "bin", "python"))
   args = parser.parse_args()
 
@@ -229,8 +242,9 @@ def main():
   report.update(
       model=args.model, batch=args.batch, frames=args.frames, crop=args.crop,
       dtype=args.dtype, rounds=args.rounds,
-      torch_matmul_gflops=matmul_gflops(torch.float32),
-      torch_matmul_gflops_bf16=matmul_gflops(torch.bfloat16),
+      device=args.device,
+      torch_matmul_gflops=matmul_gflops(torch.float32, args.device),
+      torch_matmul_gflops_bf16=matmul_gflops(torch.bfloat16, args.device),
       torch_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       torch=torch.__version__, threads=torch.get_num_threads())
   print(json.dumps(report), flush=True)
