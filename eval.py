@@ -3,7 +3,8 @@
 Multi-view testing (`config.eval.num_clips` x `config.eval.num_crops` views, softmax
 averaged) of the latest checkpoint (or `--checkpoint_step N`, or `best`) on
 `--split` (default `config.eval.split`). Writes `DIR/eval/<split>_step<N>.json`,
-per-video predictions and a confusion matrix (CSV and PNG).
+per-video predictions and a confusion matrix (CSV and PNG); DIR may be a bucket
+(`gs://...`). `config.eval.batch_size` is rounded to a multiple of the device count.
 """
 
 import json

@@ -19,7 +19,6 @@ the latest or the best checkpoint of a workdir.
 import json
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
