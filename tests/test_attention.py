@@ -65,7 +65,7 @@ def test_pallas_flash_attention_matches_the_reference_in_interpret_mode():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="cuDNN attention runs on a GPU only (benchmarks/device_check.py "
-                           "runs this test there)")
+                           "checks it there against the same reference)")
 def test_cudnn_matches_the_reference_in_bfloat16():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 64)), jnp.bfloat16) for _ in range(3))
