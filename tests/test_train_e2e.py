@@ -322,8 +322,13 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
   assert json.loads(iterator.get_state()) == {"next_batch": step}
   warned = " ".join(r.getMessage() for r in caplog.records)
   assert f"cannot restore checkpoint {workdir}/checkpoints/{TOTAL_STEPS}" in warned
-  # The unreadable one is gone, so that the resumed run can save that step again.
+  # The unreadable one is set aside, so that the resumed run can save that step again.
   assert saved_steps(workdir) == [step]
+  aside = os.path.join(workdir, "checkpoints_unreadable", str(TOTAL_STEPS))
+  with open(os.path.join(aside, "state", "_sharding"), "rb") as f:
+    truncated = f.read()
+  assert truncated and os.path.getsize(os.path.join(
+      reference[0], "checkpoints", str(TOTAL_STEPS), "state", "_sharding")) // 2 == len(truncated)
   want = checkpoint.Checkpointer(reference[0], read_only=True).restore(step, abstract,
                                                                        config)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want.params)):

@@ -10,7 +10,8 @@ besides, the one with the best validation top-1 (saved as the checkpoint's metri
 
 :meth:`Checkpointer.restore_latest` resumes from the newest checkpoint that can be
 read: an unreadable one (a truncated file, a half-copied folder) is reported, named,
-and deleted so that the run can save that step again.
+and moved aside to `WORKDIR/checkpoints_unreadable/<step>` (so that the run can save
+that step again, and a read that failed for a passing reason loses nothing).
 
 For inference, :func:`restore_variables` gives the `params` and `batch_stats` of
 the latest or the best checkpoint of a workdir.
@@ -19,6 +20,7 @@ the latest or the best checkpoint of a workdir.
 import json
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -171,8 +173,8 @@ class Checkpointer:
                      ) -> Optional[Tuple[state_lib.TrainState, int]]:
     """The newest checkpoint that can be restored, as `(state, step)`; None if none.
 
-    Newer checkpoints that cannot be read are logged with their error and deleted,
-    so that the run can save those steps again.
+    Newer checkpoints that cannot be read are logged with their error and moved to
+    `checkpoints_unreadable/`, so that the run can save those steps again.
 
     Raises:
       IncompatibleCheckpointError: a checkpoint holds another model.
@@ -191,9 +193,7 @@ class Checkpointer:
         failures.append((step, error))
         continue
       for bad, error in failures:
-        logging.warning("deleting the unreadable checkpoint %s/%d (%s)", self.directory,
-                        bad, error)
-        self.manager.delete(bad)
+        self._set_aside(bad, error)
       return state, step
     if failures:
       raise UnreadableCheckpointsError(
@@ -201,6 +201,19 @@ class Checkpointer:
           + "; ".join(f"step {s}: {e}" for s, e in failures)
           + ". Repair or remove them (the run does not start from scratch over them).")
     return None
+
+  def _set_aside(self, step: int, error: str) -> None:
+    """Copies an unreadable checkpoint out of the manager's folder, then deletes it."""
+    source = self.directory / str(step)
+    target = self.directory.parent / "checkpoints_unreadable" / str(step)
+    logging.warning("moving the unreadable checkpoint %s (%s) to %s", source, error, target)
+    if jax.process_index() == 0:
+      for folder, _, files in source.walk():
+        destination = target / folder.relative_to(source)
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in files:
+          (folder / name).copy(destination / name, overwrite=True)
+    self.manager.delete(step)  # all processes meet here before any saves that step
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
