@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gradient_checks
+
 from gta_jax import config_lib
 from gta_jax.models import attention
 from gta_jax.models import build_model
@@ -121,13 +123,7 @@ def assert_gradients_match(module, switches, x):
   want = jax.jit(jax.grad(
       lambda p, x: loss(reference_ssa(p, x, xp=jnp, **switches)),
       argnums=(0, 1)))(variables["params"], x)
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  overall = max(float(jnp.abs(e).max()) for e in jax.tree.leaves(want))
-  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(got),
-                          jax.tree.leaves(want)):
-    atol = 2e-4 * float(jnp.abs(e).max()) + 1e-6 * overall
-    np.testing.assert_allclose(g, e, atol=atol, rtol=1e-3,
-                               err_msg=jax.tree_util.keystr(path))
+  gradient_checks.assert_gradients_close(got, want)
 
 
 # Every switch is on in one of these, and both memory modes are covered.
