@@ -5,7 +5,6 @@ torchvision's ResNet constructor), and `.pth` files are written by a small pickl
 writer below. `test_pretrained_torch.py` checks against PyTorch itself."""
 
 import functools
-import io
 import os
 import pickle
 import struct
