@@ -21,8 +21,7 @@ CPU: see README.md) and are echoed in the report, as is `GLIBC_TUNABLES`: like
 import json
 import os
 import statistics
-import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 from absl import app
 from absl import flags
@@ -36,6 +35,8 @@ from gta_jax.models import registry
 from gta_jax.training import optim
 from gta_jax.training import state as state_lib
 from gta_jax.training import steps as steps_lib
+from timing import matmul_gflops  # pylint: disable=g-bad-import-order  (benchmarks/)
+from timing import time_calls  # pylint: disable=g-bad-import-order
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _BATCH = flags.DEFINE_integer("batch", None, "Clips per step; default config.batch_size.")
@@ -49,27 +50,6 @@ REPORT_KEYS = ("config", "batch", "num_frames", "crop_size", "dtype",
                "train_step_s_spread", "gflops_per_clip", "train_gflops_per_clip",
                "mfu_train", "peak_gflops", "peak_gflops_bf16", "peak_memory_bytes",
                "backend", "device", "xla_flags", "glibc_tunables")
-
-
-def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> List[float]:
-  """Seconds of each of `steps` synchronised calls, after `warmup` untimed ones."""
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def matmul_gflops(dtype: Any, n: int, steps: int = 10) -> float:
-  """The rate of an n x n x n matmul in `dtype`, in GFLOP/s (the machine's limit)."""
-  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-  matmul = jax.jit(jnp.matmul)
-  seconds = statistics.median(time_calls(lambda: matmul(a, b), steps, warmup=2))
-  return 2 * n**3 / seconds / 1e9
 
 
 def compiled_flops(compiled) -> float:

@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,8 @@ import optax
 from gta_jax.models import attention
 from gta_jax.models import backend
 from gta_jax.training import state as state_lib
+from timing import matmul_gflops  # pylint: disable=g-bad-import-order  (benchmarks/)
+from timing import median_seconds  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("tsn", "tsm", "gta", "ssa")
@@ -71,17 +72,6 @@ def parse_args(argv=None):
 
 def log(message):
   print(message, flush=True)
-
-
-def median_seconds(fn, steps, warmup=2):
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 # -- 1. the PyTorch peer -----------------------------------------------------------
@@ -136,13 +126,6 @@ def attention_equality(platform):
 
 
 # -- 3. and 4. matmul rate, attention timings ---------------------------------------
-
-
-def matmul_gflops(n, steps):
-  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
-  matmul = jax.jit(jnp.matmul)
-  seconds = median_seconds(lambda: matmul(a, b), steps)
-  return 2 * n**3 / seconds / 1e9
 
 
 def attention_timings(platform, smoke, steps):
@@ -291,7 +274,8 @@ def main(argv=None):
             "smoke": args.smoke}
   report["torch_peer"] = torch_peer(args, args.batch, frames, crop)
   report["attention_equality"] = attention_equality(platform)
-  report["peak_gflops_bf16"] = matmul_gflops(256 if args.smoke else 8192, args.steps)
+  report["peak_gflops_bf16"] = matmul_gflops(
+      jnp.bfloat16, 256 if args.smoke else 8192, args.steps)
   log(f"bf16 matmul: {report['peak_gflops_bf16']:.0f} GFLOP/s")
   report["attention_ms"] = attention_timings(platform, args.smoke, args.steps)
   report["models"] = model_steps(args, args.models.split(","), report["peak_gflops_bf16"])
