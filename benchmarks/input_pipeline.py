@@ -17,6 +17,7 @@ Prints one JSON object per measurement; `--out` appends them to a file.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -92,23 +93,40 @@ def _stage_configs() -> list[tuple[int, int]]:
 
 
 def clip_stages(element, data_config, rng) -> tuple[np.ndarray, dict]:
-  """One training clip made stage by stage as the pipeline makes it; CPU seconds per stage."""
+  """One training clip made stage by stage as `transforms.train_clip` makes it.
+
+  Returns the clip and the CPU seconds of each stage.
+  """
   d = data_config
   times = {}
   t = time.thread_time()
   frames = element["frames"]
   idx = pipeline._frame_indices(d, len(frames), train=True, rng=rng)  # pylint: disable=protected-access
-  clip = transforms.decode_frames(frames, idx)
+  box = transforms.multiscale_crop_params(*transforms.jpeg_size(frames[int(idx[0])]),
+                                          d.crop_size, d.scales, rng)
+  scale = transforms.decode_scale(box, d.crop_size)
+  clip = transforms.decode_frames(frames, idx, scale)
   times["decode"], t = time.thread_time() - t, time.thread_time()
-  box = transforms.multiscale_crop_params(clip.shape[1], clip.shape[2], d.crop_size, d.scales,
-                                          rng)
-  clip = transforms.crop_resize(clip, *box, d.crop_size)
+  clip = transforms.crop_resize(clip, *(int(v * scale) for v in box), d.crop_size)
   times["crop_resize"], t = time.thread_time() - t, time.thread_time()
   if d.flip and rng.random() < 0.5:
-    clip = clip[:, :, ::-1]
-  clip = np.ascontiguousarray(clip)
+    transforms.flip_clip(clip)
   times["flip"] = time.thread_time() - t
   return clip, times
+
+
+def check_stages(source, data_config, num_clips: int = 8) -> None:
+  """Raises unless :func:`clip_stages` makes `transforms.train_clip`'s clips."""
+  d = data_config
+  for i in range(num_clips):
+    rng = np.random.default_rng(i)
+    replay = copy.deepcopy(rng)
+    clip, _ = clip_stages(source[i], d, rng)
+    frames = source[i]["frames"]
+    idx = pipeline._frame_indices(d, len(frames), train=True, rng=replay)  # pylint: disable=protected-access
+    if not np.array_equal(clip, transforms.train_clip(frames, idx, d.crop_size, d.scales,
+                                                      d.flip, replay)):
+      raise AssertionError("the staged clip differs from transforms.train_clip's")
 
 
 def stage_times(config) -> dict:
@@ -121,6 +139,7 @@ def stage_times(config) -> dict:
   """
   source = pipeline.open_source(config, "train")
   d = config.data
+  check_stages(source, d)
   rng = np.random.default_rng(0)
   stages = ("read", "decode", "crop_resize", "flip", "batch")
   rounds = {k: [] for k in stages}

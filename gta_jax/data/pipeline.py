@@ -263,8 +263,7 @@ class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-me
     d = self.data
     frames = element["frames"]
     idx = _frame_indices(d, len(frames), train=True, rng=rng)
-    clip = transforms.decode_frames(frames, idx)
-    video = transforms.train_transform(clip, d.crop_size, d.scales, d.flip, rng)
+    video = transforms.train_clip(frames, idx, d.crop_size, d.scales, d.flip, rng)
     out = {"video": video, "label": np.int32(element["label"])}
     if self.with_index:
       out["video_index"] = np.int64(element["index"])
@@ -288,7 +287,8 @@ class EvalTransform(grain.transforms.Map):
     idx = np.concatenate([
         _frame_indices(d, len(frames), train=False, view=c, num_views=self.num_clips)
         for c in range(self.num_clips)])
-    decoded = transforms.decode_frames(frames, idx)
+    scale = transforms.short_side_scale(*transforms.jpeg_size(frames[0]), d.test_scale)
+    decoded = transforms.decode_frames(frames, idx, scale)
     clips = decoded.reshape((self.num_clips, t) + decoded.shape[1:])
     views = np.stack([transforms.eval_crops(c, s, d.test_scale, self.num_crops)
                       for c in clips])  # (clips, crops, T, S, S, 3)
