@@ -128,6 +128,15 @@ def test_two_processes_split_the_one_process_batches(data_dir):
   assert len(set(seen[0] + seen[1])) == 28 and not set(seen[0]) & set(seen[1])
 
 
+def test_decoder_must_be_known_and_dali_needs_the_mesh(data_dir):
+  with pytest.raises(ValueError, match=r"config.data.decoder must be one of .*'gpu'"):
+    pipeline.make_train_loader(tiny_config(data_dir, decoder="gpu"), seed=0,
+                               process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="mesh=mesh"):
+    pipeline.make_train_loader(tiny_config(data_dir, decoder="dali"), seed=0,
+                               process_index=0, process_count=1)
+
+
 def test_batch_must_divide_by_processes(data_dir):
   c = tiny_config(data_dir)
   with pytest.raises(ValueError, match="multiple of the process count 3"):

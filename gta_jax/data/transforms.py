@@ -188,6 +188,13 @@ def flip_clip(clip: np.ndarray) -> np.ndarray:
   return clip
 
 
+def train_crop(height: int, width: int, crop_size: int, scales: Sequence[float],
+               flip: bool, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
+  """One clip's random draws: its crop box `(top, left, h, w)`, then whether it flips."""
+  box = multiscale_crop_params(height, width, crop_size, scales, rng)
+  return box, bool(flip and rng.random() < 0.5)
+
+
 def train_clip(jpegs: Sequence[bytes], indices: np.ndarray, crop_size: int,
                scales: Sequence[float], flip: bool, rng: np.random.Generator) -> np.ndarray:
   """Frames `indices` of a video -> multi-scale crop, resized to `crop_size`, maybe flipped.
@@ -197,12 +204,11 @@ def train_clip(jpegs: Sequence[bytes], indices: np.ndarray, crop_size: int,
   and resizing, within JPEG rounding (tests/test_data_pipeline.py). Returns
   `(T, crop_size, crop_size, 3)` uint8.
   """
-  height, width = jpeg_size(jpegs[int(indices[0])])
-  box = multiscale_crop_params(height, width, crop_size, scales, rng)
+  box, flipped = train_crop(*jpeg_size(jpegs[int(indices[0])]), crop_size, scales, flip, rng)
   scale = decode_scale(box, crop_size)
   clip = crop_resize(decode_frames(jpegs, indices, scale),
                      *(int(v * scale) for v in box), crop_size)
-  if flip and rng.random() < 0.5:
+  if flipped:
     flip_clip(clip)
   return clip
 
