@@ -102,14 +102,14 @@ def clip_stages(element, data_config, rng) -> tuple[np.ndarray, dict]:
   t = time.thread_time()
   frames = element["frames"]
   idx = pipeline._frame_indices(d, len(frames), train=True, rng=rng)  # pylint: disable=protected-access
-  box = transforms.multiscale_crop_params(*transforms.jpeg_size(frames[int(idx[0])]),
-                                          d.crop_size, d.scales, rng)
+  box, flip = transforms.train_crop(*transforms.jpeg_size(frames[int(idx[0])]), d.crop_size,
+                                    d.scales, d.flip, rng)
   scale = transforms.decode_scale(box, d.crop_size)
   clip = transforms.decode_frames(frames, idx, scale)
   times["decode"], t = time.thread_time() - t, time.thread_time()
   clip = transforms.crop_resize(clip, *(int(v * scale) for v in box), d.crop_size)
   times["crop_resize"], t = time.thread_time() - t, time.thread_time()
-  if d.flip and rng.random() < 0.5:
+  if flip:
     transforms.flip_clip(clip)
   times["flip"] = time.thread_time() - t
   return clip, times
