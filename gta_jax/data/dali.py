@@ -28,6 +28,11 @@ def _dali():
   return nvidia.dali
 
 
+def _per_frame(values: np.ndarray, frames_per_clip: int, dtype) -> list[np.ndarray]:
+  """Each clip's row of `values`, once per frame: DALI's samples are frames."""
+  return list(np.repeat(np.asarray(values, dtype), frames_per_clip, axis=0))
+
+
 class ClipDecoder:
   """Batches of clips' JPEG frames, crop boxes and flips -> uint8 `(B, T, S, S, 3)`.
 
@@ -62,17 +67,16 @@ class ClipDecoder:
   def __call__(self, jpegs: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
     """`jpegs` `(B, T)` of bytes, `boxes` `(B, 4)` `(top, left, h, w)`, `flips` `(B,)`."""
     b, t = jpegs.shape
-    repeat = lambda x, dtype: list(np.repeat(np.asarray(x, dtype), t, axis=0))  # pylint: disable=unnecessary-lambda-assignment
     self._pipe.feed_input("jpegs", [np.frombuffer(j, np.uint8) for j in jpegs.reshape(-1)])
-    self._pipe.feed_input("anchor", repeat(boxes[:, :2], np.float32))
-    self._pipe.feed_input("shape", repeat(boxes[:, 2:], np.float32))
-    self._pipe.feed_input("flip", repeat(flips, np.int32))
+    self._pipe.feed_input("anchor", _per_frame(boxes[:, :2], t, np.float32))
+    self._pipe.feed_input("shape", _per_frame(boxes[:, 2:], t, np.float32))
+    self._pipe.feed_input("flip", _per_frame(flips, t, np.int32))
     (frames,) = self._pipe.run()
     shape = (b, t, self.crop_size, self.crop_size, 3)
+    # Copies, on the host or the GPU: DALI reuses its output buffer at the next run.
     if self.device_id is None:
-      return np.asarray(frames.as_tensor()).reshape(shape)
+      return np.array(frames.as_tensor()).reshape(shape)
     import jax  # pylint: disable=g-import-not-at-top
-    # A copy: DALI reuses its output buffer at the next run.
     return jax.dlpack.from_dlpack(frames.as_tensor()).reshape(shape).copy()
 
 
