@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = -1  # decoding processes; -1: one per core this process may use
   c.data.read_threads = -1  # per process; -1: its share of those cores
   c.data.prefetch = 2
+  # Training clips decoded by 'cpu' (libjpeg-turbo, in the loader's workers) or 'dali'
+  # (NVIDIA DALI on the GPUs: pip install -e '.[dali]'); docs/data.md.
+  c.data.decoder = "cpu"
   c.data.jpeg_quality = 90  # at preparation
   c.data.prepare_workers = 0  # decoding processes at preparation; 0 = one per CPU
   c.data.fold = 1  # ucf101 / hmdb51: official split 1, 2 or 3

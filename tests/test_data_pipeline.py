@@ -51,6 +51,27 @@ def test_meta_and_noop(data_dir):
   assert meta.class_names[:2] == ("moving_right", "moving_left")
 
 
+def test_shards_are_stored_uncompressed(data_dir, tmp_path):
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from gta_jax.data.builders import base  # pylint: disable=g-import-not-at-top
+  shards = sorted(data_dir.rglob("*.array_record-*"))
+  assert len(shards) >= 2  # train and val
+  for shard in shards:
+    options = array_record_module.ArrayRecordReader(str(shard)).writer_options_string()
+    assert "uncompressed" in options.split(","), (shard, options)
+  # A zstd file (array_record's default, what tfds writes) keeps its records.
+  path = str(tmp_path / "zstd.array_record")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  records = [bytes([i]) * (100 * i) for i in range(70)]
+  for r in records:
+    writer.write(r)
+  writer.close()
+  base.store_uncompressed(path, chunk=16)
+  reader = array_record_module.ArrayRecordReader(path)
+  assert "uncompressed" in reader.writer_options_string().split(",")
+  assert reader.read(0, reader.num_records()) == records
+
+
 def test_num_classes_mismatch_names_both(data_dir):
   c = tiny_config(data_dir)
   c.model.num_classes = 174
@@ -107,6 +128,15 @@ def test_two_processes_split_the_one_process_batches(data_dir):
   assert len(set(seen[0] + seen[1])) == 28 and not set(seen[0]) & set(seen[1])
 
 
+def test_decoder_must_be_known_and_dali_needs_the_mesh(data_dir):
+  with pytest.raises(ValueError, match=r"config.data.decoder must be one of .*'gpu'"):
+    pipeline.make_train_loader(tiny_config(data_dir, decoder="gpu"), seed=0,
+                               process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="mesh=mesh"):
+    pipeline.make_train_loader(tiny_config(data_dir, decoder="dali"), seed=0,
+                               process_index=0, process_count=1)
+
+
 def test_batch_must_divide_by_processes(data_dir):
   c = tiny_config(data_dir)
   with pytest.raises(ValueError, match="multiple of the process count 3"):
@@ -150,14 +180,18 @@ def test_eval_views_and_crops(data_dir):
   assert not np.array_equal(video[0], video[3])
 
 
+def jpeg_clip(frames):
+  return [transforms.encode_jpeg(f) for f in frames]
+
+
 def test_train_same_crop_and_flip_on_every_frame():
   rng = np.random.default_rng(0)
   frame = rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
-  clip = np.repeat(frame[None], 8, axis=0)
+  jpegs = jpeg_clip([frame])
   outs = set()
   for seed in range(40):
-    out = transforms.train_transform(clip, 32, (1.0, 0.875, 0.75, 0.66), True,
-                                     np.random.default_rng(seed))
+    out = transforms.train_clip(jpegs, np.zeros(8, int), 32, (1.0, 0.875, 0.75, 0.66), True,
+                                np.random.default_rng(seed))
     assert out.shape == (8, 32, 32, 3) and out.dtype == np.uint8
     assert all(np.array_equal(out[0], f) for f in out[1:])  # one crop/flip per clip
     outs.add(out[0].tobytes())
@@ -166,14 +200,99 @@ def test_train_same_crop_and_flip_on_every_frame():
 
 def test_flip_happens_only_when_enabled():
   rng = np.random.default_rng(0)
-  clip = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-  flipped = [transforms.train_transform(clip, 32, (1.0,), True, np.random.default_rng(s))
+  jpegs = jpeg_clip(rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8))
+  clip = np.stack([transforms.decode_jpeg(j) for j in jpegs])
+  idx = np.arange(2)
+  flipped = [transforms.train_clip(jpegs, idx, 32, (1.0,), True, np.random.default_rng(s))
              for s in range(20)]
   assert any(np.array_equal(f, clip[:, :, ::-1]) for f in flipped)
   assert any(np.array_equal(f, clip) for f in flipped)
   for s in range(20):
-    out = transforms.train_transform(clip, 32, (1.0,), False, np.random.default_rng(s))
+    out = transforms.train_clip(jpegs, idx, 32, (1.0,), False, np.random.default_rng(s))
     np.testing.assert_array_equal(out, clip)
+
+
+# Decoding at a DCT scale against today's decoder (cv2, full size) -----------------------
+
+# Mean absolute difference allowed between a clip and today's decoder's: JPEG rounding.
+JPEG_ROUNDING = 2.0  # on the 0..255 scale, i.e. 2/255
+
+
+@pytest.fixture(scope="module")
+def photo_jpegs():
+  """Six 128x170 frames of a photo (matplotlib's sample), panning: natural detail."""
+  import matplotlib.cbook  # pylint: disable=g-import-not-at-top
+  import cv2  # pylint: disable=g-import-not-at-top
+  photo = cv2.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+  frames = [cv2.resize(photo[10 * k:10 * k + 450, 8 * k:8 * k + 598], (170, 128),
+                       interpolation=cv2.INTER_AREA)[..., ::-1] for k in range(6)]
+  return jpeg_clip(frames)
+
+
+def cv2_decode(jpegs, indices):
+  """Today's decoder: cv2, full size, RGB."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  return np.stack([cv2.imdecode(np.frombuffer(jpegs[i], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+                   for i in indices])
+
+
+def reference_train_clip(jpegs, indices, box, size, flip, scale):
+  """cv2 full-size decode, box-filtered to `scale`, the crop resized bilinearly, flipped."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  frames = cv2_decode(jpegs, indices)
+  if scale < 1:
+    frames = [cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+              for f in frames]
+  top, left, h, w = (round(v * scale) for v in box)
+  out = np.stack([cv2.resize(np.ascontiguousarray(f[top:top + h, left:left + w]),
+                             (size, size), interpolation=cv2.INTER_LINEAR) for f in frames])
+  return out[:, :, ::-1] if flip else out
+
+
+@pytest.mark.parametrize("size", [112, 56, 28])
+def test_train_clips_equal_todays_decoder(photo_jpegs, size):
+  """Same frames, crop and flip as a cv2 full-size decode, within JPEG rounding.
+
+  At scale 1 (every 112 crop of these 128-px frames) the reference is today's clip
+  itself; at 1/2 and 1/4 it is today's decode box-filtered to that scale, which is what
+  libjpeg-turbo's scaled IDCT computes.
+  """
+  scales = (1.0, 0.875, 0.75, 0.66)
+  idx = np.array([0, 1, 3, 5])
+  seen = set()
+  for seed in range(12):
+    rng = np.random.default_rng(seed)
+    got = transforms.train_clip(photo_jpegs, idx, size, scales, True, rng)
+    rng = np.random.default_rng(seed)
+    box = transforms.multiscale_crop_params(128, 170, size, scales, rng)
+    flip = rng.random() < 0.5
+    scale = transforms.decode_scale(box, size)
+    assert scale == 1 or min(box[2:]) * scale >= size  # never coarser than the output
+    seen.add(scale)
+    want = reference_train_clip(photo_jpegs, idx, box, size, flip, scale)
+    diff = np.abs(got.astype(float) - want).mean()
+    assert diff <= JPEG_ROUNDING, (seed, box, scale, flip, diff)
+  assert seen >= {112: {1.0}, 56: {1.0, 0.5}, 28: {0.5, 0.25}}[size]
+
+
+@pytest.mark.parametrize("test_scale,num_crops", [(128, 1), (64, 3), (32, 1)])
+def test_eval_clips_equal_todays_decoder(photo_jpegs, test_scale, num_crops):
+  idx = np.array([0, 2, 2, 4])  # a repeated frame, as dense clips loop
+  scale = transforms.short_side_scale(128, 170, test_scale)
+  assert scale == {128: 1.0, 64: 0.5, 32: 0.5}[test_scale]  # 170 / 4 is not whole
+  got = transforms.eval_crops(transforms.decode_frames(photo_jpegs, idx, scale), 28,
+                              test_scale, num_crops)
+  want = transforms.eval_crops(cv2_decode(photo_jpegs, idx), 28, test_scale, num_crops)
+  assert got.shape == want.shape == (num_crops, 4, 28, 28, 3)
+  assert np.abs(got.astype(float) - want).mean() <= JPEG_ROUNDING
+
+
+def test_frames_of_different_sizes_are_a_clear_error():
+  jpegs = jpeg_clip([np.zeros((32, 40, 3), np.uint8), np.zeros((32, 48, 3), np.uint8)])
+  with pytest.raises(ValueError, match=r"frame 1 is \(32, 48\).*frame 0 .* \(32, 40\)"):
+    transforms.decode_frames(jpegs, np.arange(2))
+  with pytest.raises(ValueError, match="3-byte frame"):
+    transforms.decode_frames([b"abc"], np.arange(1))
 
 
 def test_normalize_numpy_and_jax():

@@ -252,8 +252,24 @@ def _frame_indices(data_config, num_frames: int, *, train: bool, rng=None, view:
                    f"{data_config.sampling!r}.")
 
 
+DECODERS = ("cpu", "dali")
+
+
+def check_decoder(data_config) -> str:
+  """`data.decoder`, checked: 'cpu' (libjpeg-turbo here) or 'dali' (on the GPU)."""
+  if data_config.decoder not in DECODERS:
+    raise ValueError(f"config.data.decoder must be one of {DECODERS}, got "
+                     f"{data_config.decoder!r}.")
+  return data_config.decoder
+
+
 class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-method
-  """A video -> one sampled, decoded, cropped (and maybe flipped) clip and its label."""
+  """A video -> one sampled, decoded, cropped (and maybe flipped) clip and its label.
+
+  With `data.decoder='dali'` the clip is left undecoded: the sampled frames' JPEG bytes
+  (`jpegs`, `(T,)` object), the crop box (`box`, int32 `(4,)`) and the flip (`flip`),
+  from the same random draws, for `dali.TrainBatches` to decode on the GPU.
+  """
 
   def __init__(self, data_config, with_index: bool = False):
     self.data = _plain(data_config)
@@ -263,9 +279,14 @@ class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-me
     d = self.data
     frames = element["frames"]
     idx = _frame_indices(d, len(frames), train=True, rng=rng)
-    clip = transforms.decode_frames(frames, idx)
-    video = transforms.train_transform(clip, d.crop_size, d.scales, d.flip, rng)
-    out = {"video": video, "label": np.int32(element["label"])}
+    if d.decoder == "dali":
+      box, flip = transforms.train_crop(*transforms.jpeg_size(frames[int(idx[0])]),
+                                        d.crop_size, d.scales, d.flip, rng)
+      out = {"jpegs": np.array([frames[int(i)] for i in idx], dtype=object),
+             "box": np.int32(box), "flip": np.bool_(flip)}
+    else:
+      out = {"video": transforms.train_clip(frames, idx, d.crop_size, d.scales, d.flip, rng)}
+    out["label"] = np.int32(element["label"])
     if self.with_index:
       out["video_index"] = np.int64(element["index"])
     return out
@@ -288,7 +309,8 @@ class EvalTransform(grain.transforms.Map):
     idx = np.concatenate([
         _frame_indices(d, len(frames), train=False, view=c, num_views=self.num_clips)
         for c in range(self.num_clips)])
-    decoded = transforms.decode_frames(frames, idx)
+    scale = transforms.short_side_scale(*transforms.jpeg_size(frames[0]), d.test_scale)
+    decoded = transforms.decode_frames(frames, idx, scale)
     clips = decoded.reshape((self.num_clips, t) + decoded.shape[1:])
     views = np.stack([transforms.eval_crops(c, s, d.test_scale, self.num_crops)
                       for c in clips])  # (clips, crops, T, S, S, 3)
@@ -480,7 +502,7 @@ class IndexedSource:
 
 
 def make_train_loader(config, *, seed: int, process_index: int, process_count: int,
-                      with_index: bool = False) -> TrainLoader:
+                      with_index: bool = False, mesh=None):
   """An infinite iterable of training batches for this process.
 
   `iter(loader)` is a `BatchIterator` with `get_state()`/`set_state()` for an exact
@@ -494,9 +516,15 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
 
   Yields `dict(video=uint8 (B_local, T, S, S, 3), label=int32 (B_local,))`, with
   `B_local = config.batch_size // process_count`, remainders dropped; `with_index` adds
-  `video_index=int64 (B_local,)`, the videos' positions in the split.
+  `video_index=int64 (B_local,)`, the videos' positions in the split. With
+  `config.data.decoder='dali'` (which needs the `mesh`), `video` is instead a global
+  `jax.Array` decoded on this process's devices and sharded along the mesh's `data` axis
+  (`gta_jax.data.dali`); everything else, the state included, is the same.
   """
   d = config.data
+  if check_decoder(d) == "dali" and mesh is None:
+    raise ValueError("config.data.decoder='dali' decodes on the mesh's devices: pass "
+                     "make_train_loader(..., mesh=mesh).")
   batch = _local_batch(config.batch_size, process_count, "config.batch_size")
   source = open_source(config, d.train_split)
   if with_index:
@@ -509,6 +537,9 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   ds = ds.random_map(TrainTransform(d, with_index), seed=int(seed))
   # Local batches in global order: global batch g is local batches g*P .. g*P + P-1.
   ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
+  if d.decoder == "dali":
+    from gta_jax.data import dali  # pylint: disable=g-import-not-at-top
+    return dali.TrainLoader(TrainLoader(ds, d), d.crop_size, mesh)
   return TrainLoader(ds, d)
 
 

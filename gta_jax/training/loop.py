@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
   model, tx, lr_fn, abstract_state = state_lib.build(config, mesh)
   train_iter = sharding.DevicePrefetcher(iter(pipeline.make_train_loader(
       config, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())), mesh)
+      process_count=jax.process_count(), mesh=mesh)), mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   writer = writers.MetricWriter(workdir)
   preemption = PreemptionWatcher()

@@ -128,10 +128,15 @@ def round_eval_batch_size(batch_size: int, key: str = "config.eval.batch_size") 
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """Assembles global arrays, split along axis 0, from each process's local slice."""
+  """Assembles global arrays, split along axis 0, from each process's local slice.
+
+  Leaves that are already `jax.Array`s (clips decoded on the devices by DALI) pass
+  through.
+  """
   sharding = batch_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+      lambda x: x if isinstance(x, jax.Array) else
+      jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
