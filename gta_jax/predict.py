@@ -56,11 +56,12 @@ def expand_videos(videos: Sequence[str]) -> list[str]:
   """
   out = []
   for video in videos:
-    folder = paths.path(video)
+    root = paths.path(video)
     found = []
-    if folder.is_dir():
-      found = sorted(str(f.relative_to(folder)) for f in folder.rglob("*")
-                     if f.suffix.lower() in video_io.VIDEO_EXTENSIONS and not f.is_dir())
+    if root.is_dir():
+      found = sorted(str((folder / name).relative_to(root))
+                     for folder, _, names in root.walk() for name in names
+                     if os.path.splitext(name)[1].lower() in video_io.VIDEO_EXTENSIONS)
     out.extend([os.path.join(video, f) for f in found] or [video])
   return out
 

@@ -90,7 +90,7 @@ def merge(fresh: Dict[str, Any], saved: Dict[str, Any], reinit: str = ""
   """Takes the saved arrays that fit into the fresh ones (flat dicts, both).
 
   Args:
-    fresh: the new model's initial variables by path.
+    fresh: the new model's initial variables by path (arrays, or shapes and dtypes).
     saved: the checkpoint's variables by path.
     reinit: a regex (`re.search` on the path without its collection) of variables
       to keep fresh; '' for none.
@@ -103,12 +103,12 @@ def merge(fresh: Dict[str, Any], saved: Dict[str, Any], reinit: str = ""
   wanted = lambda p: pattern is not None and pattern.search(_within(p)) is not None
   merged, report, problems = dict(fresh), Report([], {}, []), []
   for path, value in fresh.items():
-    shape = tuple(np.shape(value))
-    old = tuple(np.shape(saved[path])) if path in saved else None
+    shape = tuple(value.shape)
+    old = tuple(saved[path].shape) if path in saved else None
     if wanted(path):
       report.reinitialised[path] = "config.init_reinit"
     elif old == shape:
-      merged[path] = np.asarray(saved[path], dtype=np.asarray(value).dtype)
+      merged[path] = np.asarray(saved[path], dtype=value.dtype)
       report.loaded.append(path)
     elif old is not None and CLASSIFIER.search(_within(path)):
       report.reinitialised[path] = f"classifier {old} -> {shape}"
@@ -118,7 +118,7 @@ def merge(fresh: Dict[str, Any], saved: Dict[str, Any], reinit: str = ""
     if wanted(path):
       report.ignored.append(path)
     else:
-      problems.append(f"{path}: {tuple(np.shape(saved[path]))} in the checkpoint, "
+      problems.append(f"{path}: {tuple(saved[path].shape)} in the checkpoint, "
                       "missing in the model")
   return merged, report, problems
 
