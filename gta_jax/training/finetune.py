@@ -97,12 +97,14 @@ def merge(fresh: Dict[str, Any], saved: Dict[str, Any], reinit: str = ""
 
   Returns:
     `(variables, report, problems)`: the merged flat variables, what was done, and
-    one line per array that fits neither way (another architecture).
+    one line per array that fits neither way (another architecture); parameters
+    before BatchNorm statistics, by path.
   """
   pattern = re.compile(reinit) if reinit else None
   wanted = lambda p: pattern is not None and pattern.search(_within(p)) is not None
   merged, report, problems = dict(fresh), Report([], {}, []), []
-  for path, value in fresh.items():
+  params_first = lambda p: (not p.startswith("params/"), p)
+  for path, value in sorted(fresh.items(), key=lambda item: params_first(item[0])):
     shape = tuple(value.shape)
     old = tuple(saved[path].shape) if path in saved else None
     if wanted(path):
@@ -114,7 +116,7 @@ def merge(fresh: Dict[str, Any], saved: Dict[str, Any], reinit: str = ""
       report.reinitialised[path] = f"classifier {old} -> {shape}"
     else:
       problems.append(f"{path}: {old or 'missing'} in the checkpoint, {shape} in the model")
-  for path in sorted(set(saved) - set(fresh)):
+  for path in sorted(set(saved) - set(fresh), key=params_first):
     if wanted(path):
       report.ignored.append(path)
     else:
