@@ -16,6 +16,11 @@ trace serves every platform. Reading it needs only `jax` (and `flatbuffers`):
   logits = exported.call(clips)          # clips: float32 (B, T, S, S, 3)
 
 Multi-view testing is the caller's: average the softmax over the views of a video.
+
+ONNX is not offered: jax2onnx 0.17.1 converts these models (TSN, TSM, Non-local,
+GTA and SSA, with a symbolic batch, onnxruntime within 5e-8 of `model.apply` on the
+tiny configs), but it declares `orbax-checkpoint<0.11.37`, which cannot be installed
+beside this project's orbax-checkpoint>=0.12.8.
 """
 
 from __future__ import annotations
