@@ -255,7 +255,8 @@ class ClassificationHead(nn.Module):
     x = x.astype(jnp.float32)
     pool_axes = (2, 3) if self.frame_consensus else (1, 2, 3)
     x = jnp.mean(x, axis=pool_axes)
-    self.sow(FEATURES, PRE_LOGITS, jnp.mean(x, axis=1) if self.frame_consensus else x)
+    if not self.is_initializing():  # `init` returns no `features` collection
+      self.sow(FEATURES, PRE_LOGITS, jnp.mean(x, axis=1) if self.frame_consensus else x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                  name="fc")(x)
@@ -358,7 +359,8 @@ class VideoResNet(nn.Module):
             zero_init_residual=self.zero_init_residual,
             dtype=self.dtype,
             name=f"res{stage + 2}_block{block}")(x, train=train)
-      self.sow(FEATURES, f"res{stage + 2}", jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)))
+      if not self.is_initializing():
+        self.sow(FEATURES, f"res{stage + 2}", jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)))
 
     return ClassificationHead(self.num_classes, self.dropout_rate,
                               self.frame_consensus, name="head")(x, train=train)
