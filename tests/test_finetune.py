@@ -115,24 +115,20 @@ def test_finetune_on_a_video_folder(tiny_gta_run, tmp_path):
   evals = [r for r in rows if r["kind"] == "eval"]
   assert evals and evals[-1]["step"] == 2 and evals[-1]["num_videos"] == len(CLASSES)
 
-  config = finetune_config(overrides)
+  # The run's checkpoint wins over init_from (which would fail here).
+  config = finetune_config(dict(overrides, init_from=tmp_path / "nowhere"))
   mesh = sharding.make_mesh()
-  variables, step = checkpoint.restore_variables(config, str(workdir), "latest", mesh)
-  assert step == 2
-  got, source = flat(variables["params"]), flat(tiny_gta_run["variables"]["params"])
-  assert got["head/fc/kernel"].shape == (256, 4)
-  assert any("post/pixel_temporal" in k for k in got)  # the GTA blocks are compared too
-  for key, value in got.items():
-    if not key.startswith("head/"):
-      np.testing.assert_array_equal(value, source[key], err_msg=key)
-
-  # A checkpoint in the workdir wins over init_from (which would fail here).
-  config.init_from = str(tmp_path / "nowhere")
   model, tx, _, abstract = state_lib.build(config, mesh)
   ckpt = checkpoint.Checkpointer(str(workdir))
   state, _ = loop.restore_or_initialize(config, ckpt, abstract, model, tx, mesh, None)
   ckpt.close()
   assert int(state.step) == 2
+  got, source = flat(state.params), flat(tiny_gta_run["variables"]["params"])
+  assert got["head/fc/kernel"].shape == (256, 4)
+  assert any("post/pixel_temporal" in k for k in got)  # the GTA blocks are compared too
+  for key, value in got.items():
+    if not key.startswith("head/"):
+      np.testing.assert_array_equal(value, source[key], err_msg=key)
 
 
 def finetune_config(overrides):
