@@ -27,8 +27,6 @@ the exit status is 1 if any file failed. From Python:
 from __future__ import annotations
 
 import concurrent.futures
-import csv
-import io
 import json
 import os
 import sys
@@ -161,7 +159,7 @@ class Predictor:
       except VideoError as e:
         return e
 
-    threads = min(batch_size, os.cpu_count() or 1)
+    threads = min(batch_size, pipeline.host_cores())
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       for start in range(0, len(videos), batch_size):
         chunk = videos[start:start + batch_size]
@@ -198,14 +196,13 @@ def _format_text(path: str, ranked: list[tuple[str, float]]) -> str:
 def csv_text(results: Sequence[Dict[str, Any]], k: int) -> str:
   """The CSV of `run`'s results: `video`, then `class_i,probability_i` for i = 1..k,
   then `error` (empty unless the video could not be read)."""
-  buffer = io.StringIO(newline="")
-  writer = csv.writer(buffer)
-  writer.writerow(["video"] + [f"{c}_{i}" for i in range(1, k + 1)
-                               for c in ("class", "probability")] + ["error"])
+  from gta_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
+  rows = [["video"] + [f"{c}_{i}" for i in range(1, k + 1)
+                       for c in ("class", "probability")] + ["error"]]
   for r in results:
     ranked = [x for e in r.get("top_k", ()) for x in (e["class"], f"{e['probability']:.6f}")]
-    writer.writerow([r["video"]] + (ranked or [""] * 2 * k) + [r.get("error", "")])
-  return buffer.getvalue()
+    rows.append([r["video"]] + (ranked or [""] * 2 * k) + [r.get("error", "")])
+  return reports.csv_text(rows)
 
 
 def run(config, workdir: str, videos: Sequence[str], *, k: int = 5, as_json: bool = False,
