@@ -103,7 +103,9 @@ def run(config, workdir: str, out: str, platforms: Sequence[str] = PLATFORMS,
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
   exported, failures = export_model(config, variables, platforms)
   data = exported.serialize()
-  paths.path(out).write_bytes(bytes(data))
+  target = paths.path(out)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(bytes(data))
   for platform, error in failures.items():
     print(f"warning: not lowered for {platform}: {error}", file=sys.stderr)
   shape = exported.in_avals[0].shape

@@ -24,13 +24,26 @@ docs/features.md shows a linear probe and a retrieval on these files.
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
 from gta_jax import cli
 from gta_jax import paths
+from gta_jax import predict
+from gta_jax.data import pipeline
+from gta_jax.evaluation import evaluate
+from gta_jax.models import registry
+from gta_jax.models import resnet
+from gta_jax.training import checkpoint
+from gta_jax.training import sharding
+from gta_jax.training import steps
+from gta_jax.training import writers
 
 Step = Union[int, str]
 
@@ -50,13 +63,6 @@ def extract_split(config, workdir: str, split: Optional[str] = None, step: Step 
   Returns:
     The arrays of the `.npz` (module docstring), rows in the split's order.
   """
-  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from gta_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from gta_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import steps  # pylint: disable=g-import-not-at-top
   resnet.check_feature_layer(layer)
   split = split or config.eval.split
   mesh = sharding.make_mesh()
@@ -82,7 +88,6 @@ def extract_videos(config, workdir: str, videos: Sequence[str], step: Step = "la
     `(arrays, errors)`: the `.npz` arrays of the videos that could be read, and one
     message per video that could not.
   """
-  from gta_jax import predict  # pylint: disable=g-import-not-at-top
   predictor = predict.Predictor(config, workdir, step, feature_layer=layer)
   features, ids, errors = [], [], []
   for path, outputs in predictor.predict_files(predict.expand_videos(videos)):
@@ -102,10 +107,11 @@ def extract_videos(config, workdir: str, videos: Sequence[str], step: Step = "la
 
 def save(out: str, arrays: Dict[str, Any]) -> None:
   """Writes the arrays to the `.npz` file `out` (local or remote)."""
-  import io  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  paths.path(out).write_bytes(buffer.getvalue())
+  out = paths.path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(buffer.getvalue())
 
 
 def _text(value) -> str:
@@ -113,9 +119,6 @@ def _text(value) -> str:
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import writers  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   videos = argv[1:]
   if bool(videos) != f.videos:
@@ -141,9 +144,6 @@ def main(argv):
 
 
 def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from gta_jax.models import resnet  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
                                   "trained with.", lock_config=True)
   flags.DEFINE_string("workdir", None, "The training run's directory.")
@@ -158,6 +158,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  _app.run(main)
+  app.run(main)
