@@ -74,6 +74,13 @@ def test_another_architecture_is_refused_with_the_names(tiny_gta_run, change, na
   assert named in str(e.value)
 
 
+def test_bad_init_reinit_names_the_key(tiny_gta_run):
+  config = tiny_gta_run["config"].copy_and_resolve_references()
+  config.init_from, config.init_reinit = tiny_gta_run["workdir"], "res5("
+  with pytest.raises(ValueError, match=r"config.init_reinit='res5\(' is not a regex"):
+    finetune.load_init_from({}, config)
+
+
 def test_init_from_paths(tiny_gta_run, tmp_path):
   workdir = tiny_gta_run["workdir"]
   step_dir = os.path.join(workdir, "checkpoints", "0")

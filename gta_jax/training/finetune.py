@@ -131,7 +131,12 @@ def load_init_from(variables: Any, config) -> Any:
   Raises:
     FileNotFoundError: the path or its checkpoints do not exist.
     checkpoint.IncompatibleCheckpointError: a checkpoint of another architecture.
+    ValueError: `config.init_reinit` is not a regex.
   """
+  try:
+    re.compile(config.init_reinit)
+  except re.error as e:
+    raise ValueError(f"config.init_reinit={config.init_reinit!r} is not a regex: {e}") from e
   step_dir = find_step_dir(config.init_from)
   fresh = traverse_util.flatten_dict(variables, sep="/")
   merged, report, problems = merge(fresh, read_variables(step_dir), config.init_reinit)
