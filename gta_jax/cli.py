@@ -92,6 +92,17 @@ def initialize_distributed() -> None:
                                   f.single_process)
 
 
+# What the inference CLIs report in one line, exit status 1: a missing path or
+# checkpoint, an unknown split, a checkpoint of another model (a ValueError).
+USER_ERRORS = (FileNotFoundError, ValueError)
+
+
+def report_error(error: Exception) -> int:
+  """Prints `error: ...` on stderr; returns the exit status 1."""
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  return 1
+
+
 def define_checkpoint_step_flag() -> None:
   flags.DEFINE_string("checkpoint_step", "latest",
                       "A step number, 'latest' or 'best' (by validation top-1).")

@@ -22,6 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.keep_checkpoints = 2  # the last k; the best by val top-1 is kept besides
   c.halt_on_nonfinite = True
+  # Fine-tuning (gta_jax/training/finetune.py): start from a run of this project (its
+  # workdir, checkpoints/ folder or a step's folder); the classifier is re-initialised
+  # when num_classes differs, and so is every variable whose path the regex
+  # init_reinit finds (e.g. 'res5|head').
+  c.init_from = ""
+  c.init_reinit = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "synthetic_motion"
@@ -100,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 20.0  # 0 disables
   c.optim.fc_lr_mult = 5.0
   c.optim.global_logits_lr_mult = 1.0  # GTA's global attention logits G
+  # The ResNet's own parameters (not the classifier, not the temporal modules).
+  c.optim.backbone_lr_mult = 1.0
+  c.optim.freeze = ""  # regex (re.search) of parameter paths that stay fixed, e.g. '^res[23]'
   c.optim.label_smoothing = 0.0
   return c
 

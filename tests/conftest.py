@@ -6,6 +6,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # The configs/ folder holds recipe files that tests load by name.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -24,3 +26,55 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
+
+TINY_GTA_SEED = 3  # not the configs' seed 0: a fresh model differs from this run
+
+
+def set_keys(config, overrides):
+  """Sets dotted `overrides` (`{'data.num_frames': 4}`) on an ml_collections config."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_gta_run(tmp_path_factory):
+  """A run of configs/synthetic_gta.py with a checkpoint at step 0 (seed 3, classifier
+  spread so that the probabilities are far from uniform) on a prepared synthetic
+  dataset of 1 video per class and split; 4 frames, 2 eval clips.
+
+  Returns:
+    dict(config=, overrides= (the `--config.` keys the CLIs need), workdir=, root=,
+    variables= (host arrays)).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import synthetic_gta  # pylint: disable=g-import-not-at-top
+  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_gta")
+  overrides = {"data.data_dir": str(root / "data"), "data.num_frames": 4,
+               "data.synthetic.train_per_class": 1, "data.synthetic.val_per_class": 1,
+               "data.num_workers": 0, "eval.num_clips": 2, "seed": TINY_GTA_SEED}
+  config = set_keys(synthetic_gta.get_config(), overrides)
+  pipeline.prepare_dataset(config)
+  mesh = sharding.make_mesh()
+  model, tx, _, _ = state_lib.build(config, mesh)
+  state = state_lib.initial_state(config, model, tx, mesh)
+  fc = state.params["head"]["fc"]
+  params = dict(state.params, head=dict(fc=dict(
+      kernel=fc["kernel"] * 30,
+      bias=np.linspace(-1.0, 1.0, config.model.num_classes, dtype=np.float32))))
+  state = state.replace(params=params)
+  ckpt = checkpoint.Checkpointer(str(root / "run"))
+  ckpt.save(0, state, None, config)
+  ckpt.wait()
+  ckpt.close()
+  return dict(config=config, overrides=overrides, workdir=str(root / "run"), root=root,
+              variables=jax.device_get(state.variables))

@@ -67,6 +67,7 @@ def toy_params():
                   "bias": rng.normal(size=3).astype(np.float32)},
       "head": {"fc": {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
                       "bias": rng.normal(size=2).astype(np.float32)}},
+      "res2_block0": {"conv1": {"conv": {"kernel": rng.normal(size=(2, 3)).astype(np.float32)}}},
       "res3_block0": {"post": {"pixel_temporal": {
           "global_logits": rng.normal(size=(2, 4, 4)).astype(np.float32)}}},
   }
@@ -90,12 +91,19 @@ def is_global_logits(path):
   return path[-1].key == "global_logits"
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_matches_pytorch_semantics(nesterov):
-  """Clip, then decay on kernels only, momentum, lr, fc and G x mult (torch.optim.SGD)."""
+def is_frozen(path, freeze):
+  return bool(freeze) and "/".join(k.key for k in path).startswith("stem_")
+
+
+@pytest.mark.parametrize("nesterov,freeze,backbone", [(False, "", 1.0), (True, "", 1.0),
+                                                      (False, "^stem_", 0.1)])
+def test_sgd_matches_pytorch_semantics(nesterov, freeze, backbone):
+  """Clip, then decay on kernels only, momentum, lr, fc and G x mult (torch.optim.SGD);
+  fine-tuning: frozen parameters (stem_*) left out of the clipping norm and fixed,
+  the rest of the ResNet at `backbone` x the rate."""
   c = make_config(schedule="cosine", warmup_steps=0, name="sgd", momentum=0.9,
                   nesterov=nesterov, weight_decay=0.01, grad_clip_norm=2.0, fc_lr_mult=5.0,
-                  global_logits_lr_mult=3.0)
+                  global_logits_lr_mult=3.0, freeze=freeze, backbone_lr_mult=backbone)
   params = toy_params()
   tx = optim.make_optimizer(c, params)
   opt_state = tx.init(params)
@@ -108,15 +116,18 @@ def test_sgd_matches_pytorch_semantics(nesterov):
     updates, opt_state = tx.update(g, opt_state, p)
     p = optax.apply_updates(p, updates)
     # Reference.
-    norm = math.sqrt(sum(float(np.sum(x**2)) for x in jax.tree.leaves(g)))
+    norm = math.sqrt(sum(float(np.sum(x**2)) for path, x in
+                         jax.tree_util.tree_leaves_with_path(g) if not is_frozen(path, freeze)))
     clip = min(1.0, 2.0 / norm)
     lr = float(schedule(t))
 
     def ref(path, w, gr, b):
+      if is_frozen(path, freeze):
+        return w
       gr = gr * clip + (0.01 * w if is_kernel(path) else 0)
       b[...] = 0.9 * b + gr
       d = gr + 0.9 * b if nesterov else b
-      mult = 5.0 if is_fc(path) else 3.0 if is_global_logits(path) else 1.0
+      mult = 5.0 if is_fc(path) else 3.0 if is_global_logits(path) else backbone
       return w - lr * mult * d
 
     ref_params = jax.tree_util.tree_map_with_path(ref, ref_params, g, buf)
@@ -171,6 +182,9 @@ def test_warmup_longer_than_the_run_is_clipped_to_it():
     ("grad_clip_norm", -1.0, "config.optim.grad_clip_norm"),
     ("fc_lr_mult", 0.0, "config.optim.fc_lr_mult"),
     ("global_logits_lr_mult", -2.0, "config.optim.global_logits_lr_mult"),
+    ("backbone_lr_mult", 0.0, "config.optim.backbone_lr_mult"),
+    ("freeze", "res9", "config.optim.freeze='res9' matches no parameter"),
+    ("freeze", "res(", "config.optim.freeze='res\\(' is not a regex"),
 ])
 def test_bad_optim_values_name_the_key(key, value, match):
   c = make_config(**{key: value})

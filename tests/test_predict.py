@@ -1,4 +1,4 @@
-"""gta_jax.predict against an initialised tiny GTA checkpoint and PyAV-made videos.
+"""gta_jax.predict against the shared tiny GTA checkpoint and PyAV-made videos.
 
 The reference decodes the test video with PyAV, takes the segment centres of each
 temporal view, round-trips them through JPEG as preparation stores frames (cv2,
@@ -19,34 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-import synthetic_gta  # configs/, on the path from conftest.py
 from gta_jax import predict
-from gta_jax.data import pipeline
 from gta_jax.models import registry
-from gta_jax.training import checkpoint
-from gta_jax.training import sharding
-from gta_jax.training import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, FRAMES, NUM_CLIPS = 32, 4, 2
-
-
-def overrides(data_dir):
-  """The config keys changed from configs/synthetic_gta.py, as `--config.` flags take them."""
-  return {"data.data_dir": str(data_dir), "data.num_frames": FRAMES,
-          "data.synthetic.train_per_class": 1, "data.synthetic.val_per_class": 1,
-          "eval.num_clips": NUM_CLIPS}
-
-
-def tiny_config(data_dir):
-  c = synthetic_gta.get_config()
-  for key, value in overrides(data_dir).items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def write_video(path, frames, fps=10):
@@ -73,29 +50,16 @@ def moving_blob(num_frames, size=SIZE):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A prepared tiny dataset and a workdir with an initialised GTA checkpoint at step 0."""
+def run_dir(tiny_gta_run, tmp_path_factory):
+  """The shared tiny GTA checkpoint (conftest.py), a test video and a broken file."""
   root = tmp_path_factory.mktemp("predict")
-  config = tiny_config(root / "data")
-  pipeline.prepare_dataset(config)
-  mesh = sharding.make_mesh()
-  model, tx, _, _ = state_lib.build(config, mesh)
-  state = state_lib.initial_state(config, model, tx, mesh)
-  # Spread the classifier so that the probabilities are far from uniform.
-  params = dict(state.params, head=dict(fc=dict(
-      kernel=state.params["head"]["fc"]["kernel"] * 30,
-      bias=np.linspace(-1.0, 1.0, config.model.num_classes, dtype=np.float32))))
-  state = state.replace(params=params)
-  ckpt = checkpoint.Checkpointer(str(root / "run"))
-  ckpt.save(0, state, None, config)
-  ckpt.wait()
-  ckpt.close()
+  config = tiny_gta_run["config"]
   video = root / "square.mp4"
-  frames = moving_blob(11)
-  write_video(video, frames)
+  write_video(video, moving_blob(11))
   (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 4)
-  return dict(root=root, config=config, workdir=str(root / "run"), video=str(video),
-              want=reference_probs(str(video), config, state.variables))
+  return dict(root=root, config=config, workdir=tiny_gta_run["workdir"], video=str(video),
+              overrides=tiny_gta_run["overrides"],
+              want=reference_probs(str(video), config, tiny_gta_run["variables"]))
 
 
 def jpeg_round_trip(rgb, quality):
@@ -144,7 +108,7 @@ def test_load_views_errors_name_the_file(run_dir):
 
 
 def cli(run_dir, *args):
-  flags = [f"--config.{k}={v}" for k, v in overrides(run_dir["root"] / "data").items()]
+  flags = [f"--config.{k}={v}" for k, v in run_dir["overrides"].items()]
   cmd = [sys.executable, "-m", "gta_jax.predict", "--config",
          os.path.join(REPO, "configs", "synthetic_gta.py"), *flags,
          "--workdir", run_dir["workdir"], *args]
@@ -185,3 +149,24 @@ def test_run_json_and_exit_status(run_dir, capsys):
   want = run_dir["want"]
   np.testing.assert_allclose([e["probability"] for e in good["top_k"]],
                              np.sort(want)[::-1][:3], atol=1e-5)
+
+
+def test_run_on_a_folder_writes_the_csv(run_dir, tmp_path, capsys):
+  """A folder stands for its video files (sorted); the unreadable one gets an error row."""
+  root = str(run_dir["root"])
+  out = tmp_path / "top5.csv"
+  status = predict.run(run_dir["config"], run_dir["workdir"], [root], out=str(out))
+  assert status == 1
+  assert "1 of 2 videos could not be predicted" in capsys.readouterr().err
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(out, newline="") as f:
+    header, broken, good = list(csv.reader(f))
+  assert header == ["video"] + [f"{c}_{i}" for i in range(1, 6)
+                                for c in ("class", "probability")] + ["error"]
+  assert broken[0] == os.path.join(root, "broken.mp4") and "cannot decode" in broken[-1]
+  assert good[0] == run_dir["video"] and good[-1] == ""
+  want = run_dir["want"]
+  from gta_jax.data.builders import synthetic_motion  # pylint: disable=g-import-not-at-top
+  order = np.argsort(-want)[:5]
+  assert good[1:-1:2] == [synthetic_motion.CLASS_NAMES[c] for c in order]
+  np.testing.assert_allclose([float(p) for p in good[2:-1:2]], want[order], atol=1e-5)

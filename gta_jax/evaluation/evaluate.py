@@ -39,16 +39,19 @@ def during_training(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def validate(config: ml_collections.ConfigDict, eval_step, variables, mesh,
-             split: str, max_videos: int = 0) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+             split: str, max_videos: int = 0, progress: bool = False
+             ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Multi-view `(predictions, summary)` on `split` (every process gets both).
 
   `config.eval` gives the views and the batch size; `max_videos > 0` evaluates an
-  evenly spread subset of that many videos.
+  evenly spread subset of that many videos; `progress` shows a bar. `predictions`
+  holds `features` too when `eval_step` gives them (`steps.make_eval_step`'s
+  `feature_layer`).
   """
   loader = pipeline.make_eval_loader(config, split, process_index=jax.process_index(),
                                      process_count=jax.process_count(),
                                      max_videos=max_videos)
-  predictions = evaluator.predict(eval_step, variables, loader, mesh)
+  predictions = evaluator.predict(eval_step, variables, loader, mesh, progress)
   summary = metrics.summarize(predictions["probs"], predictions["label"])
   summary.update(split=split, num_views=config.eval.num_clips * config.eval.num_crops)
   return predictions, summary
@@ -97,7 +100,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike,
   meta = pipeline.prepare_dataset(config)
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
   eval_step = steps.make_eval_step(registry.build_model(config), mesh)
-  predictions, summary = validate(config, eval_step, variables, mesh, split)
+  predictions, summary = validate(config, eval_step, variables, mesh, split, progress=True)
   summary["step"] = step
   if jax.process_index() == 0:
     path = reports.write_reports(paths.path(workdir) / "eval", split, step, summary,

@@ -10,11 +10,14 @@ import jax
 import numpy as np
 
 from gta_jax.training import sharding
+from gta_jax.training import writers
+
+OUTPUTS = ("probs", "features", "label", "video_index")
 
 
-def predict(eval_step: Callable, variables, loader: Iterable, mesh
+def predict(eval_step: Callable, variables, loader: Iterable, mesh, progress: bool = False
             ) -> Dict[str, np.ndarray]:
-  """Class probabilities of every video of an eval loader, on every process.
+  """Class probabilities (and features) of every video of an eval loader, on every process.
 
   Args:
     eval_step: from `steps.make_eval_step(model, mesh)` (outputs replicated).
@@ -22,9 +25,11 @@ def predict(eval_step: Callable, variables, loader: Iterable, mesh
     loader: yields process-local batches with `video` `(B, V, T, H, W, 3)`,
       `label`, `mask` (False on padding) and `video_index`.
     mesh: the device mesh.
+    progress: show a bar of the batches (on a terminal, process 0).
 
   Returns:
-    `probs (N, K)`, `label (N,)` and `video_index (N,)`, sorted by video index.
+    `probs (N, K)`, `label (N,)` and `video_index (N,)`, sorted by video index;
+    `features (N, C)` too if the step gives them.
 
   Raises:
     RuntimeError: if a video came twice (the loader's sharding is wrong).
@@ -32,14 +37,18 @@ def predict(eval_step: Callable, variables, loader: Iterable, mesh
   batches = (dict(b, video_index=np.asarray(b["video_index"]).astype(np.int32))
              for b in loader)
   # The outputs stay on the devices until the split is done: one synchronisation.
-  outputs = [eval_step(variables, batch)
-             for batch in sharding.DevicePrefetcher(batches, mesh)]
+  with writers.progress_bar(getattr(loader, "num_batches", None), 0, "batch",
+                            disable=not progress) as bar:
+    outputs = []
+    for batch in sharding.DevicePrefetcher(batches, mesh):
+      outputs.append(eval_step(variables, batch))
+      bar.update(1)
   if not outputs:
     raise ValueError("the eval loader yielded no batches")
   outputs = jax.device_get(outputs)
   keep = np.concatenate([np.asarray(out["mask"]).astype(bool) for out in outputs])
   result = {k: np.concatenate([np.asarray(out[k]) for out in outputs])[keep]
-            for k in ("probs", "label", "video_index")}
+            for k in OUTPUTS if k in outputs[0]}
   order = np.argsort(result["video_index"], kind="stable")
   result = {k: v[order] for k, v in result.items()}
   index = result["video_index"]

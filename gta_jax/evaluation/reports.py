@@ -21,7 +21,8 @@ from gta_jax import paths
 from gta_jax.evaluation import metrics
 
 
-def _csv_text(rows: List[List[Any]]) -> str:
+def csv_text(rows: List[List[Any]]) -> str:
+  """Rows (the header first) as CSV text."""
   buffer = io.StringIO(newline="")
   csv.writer(buffer).writerows(rows)
   return buffer.getvalue()
@@ -46,12 +47,12 @@ def write_reports(out_dir: paths.PathLike, split: str, step: int,
   rows += [[int(index), class_names[labels[i]], class_names[top5[i, 0]],
             f"{probs[i, top5[i, 0]]:.6f}", " ".join(class_names[c] for c in top5[i])]
            for i, index in enumerate(predictions["video_index"])]
-  (out_dir / f"{stem}_predictions.csv").write_text(_csv_text(rows))
+  (out_dir / f"{stem}_predictions.csv").write_text(csv_text(rows))
 
   matrix = metrics.confusion_matrix(labels, top5[:, 0], probs.shape[1])
   rows = [["true \\ predicted"] + list(class_names)]
   rows += [[name] + row.tolist() for name, row in zip(class_names, matrix)]
-  (out_dir / f"{stem}_confusion.csv").write_text(_csv_text(rows))
+  (out_dir / f"{stem}_confusion.csv").write_text(csv_text(rows))
   plot_confusion(matrix, class_names, out_dir / f"{stem}_confusion.png",
                  f"{split}, step {step}: top-1 {summary['top1']:.3f}")
   return out_dir / f"{stem}.json"

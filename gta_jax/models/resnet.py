@@ -40,6 +40,11 @@ from gta_jax.models import cpu_kernels
 ModuleDef = Any
 HookKey = Tuple[int, int, str]  # (stage, block, 'pre' | 'inner' | 'post')
 HOOK_POSITIONS = ("pre", "inner", "post")
+# The `features` collection (`apply(..., mutable=["features"])`): pooled vectors
+# `(B, C)` of each stage's output and the classifier's input.
+FEATURES = "features"
+PRE_LOGITS = "pre_logits"
+FEATURE_LAYERS = (PRE_LOGITS, "res2", "res3", "res4", "res5")
 
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -238,6 +243,8 @@ class ClassificationHead(nn.Module):
   With `frame_consensus` (2D networks) each frame is classified and the logits are
   averaged over time (TSN's average consensus); otherwise the clip is pooled over
   `(T, H, W)` and classified once. Logits are float32 whatever the compute dtype.
+  The pre-logits, the pooled vector `(B, C)` whose image under the classifier are the
+  logits (frames averaged), are sown as `features/head/pre_logits`.
   """
   num_classes: int
   dropout_rate: float = 0.0
@@ -248,6 +255,8 @@ class ClassificationHead(nn.Module):
     x = x.astype(jnp.float32)
     pool_axes = (2, 3) if self.frame_consensus else (1, 2, 3)
     x = jnp.mean(x, axis=pool_axes)
+    if not self.is_initializing():  # `init` returns no `features` collection
+      self.sow(FEATURES, PRE_LOGITS, jnp.mean(x, axis=1) if self.frame_consensus else x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                  name="fc")(x)
@@ -256,6 +265,10 @@ class ClassificationHead(nn.Module):
 
 class VideoResNet(nn.Module):
   """ResNet over clips `(B, T, H, W, 3)` -> logits `(B, num_classes)`.
+
+  With `mutable=[FEATURES]`, `apply` also returns each stage's output pooled over
+  `(T, H, W)` (`features/res2` ... `features/res5`) and the pre-logits
+  (`features/head/pre_logits`), all `(B, C)` float32 (see :func:`pooled_feature`).
 
   Attributes:
     stage_sizes: residual blocks per stage, e.g. `(3, 4, 6, 3)` for ResNet-50.
@@ -346,6 +359,22 @@ class VideoResNet(nn.Module):
             zero_init_residual=self.zero_init_residual,
             dtype=self.dtype,
             name=f"res{stage + 2}_block{block}")(x, train=train)
+      if not self.is_initializing():
+        self.sow(FEATURES, f"res{stage + 2}", jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)))
 
     return ClassificationHead(self.num_classes, self.dropout_rate,
                               self.frame_consensus, name="head")(x, train=train)
+
+
+def check_feature_layer(layer: str) -> str:
+  """Raises a ValueError naming the choices unless `layer` is in `FEATURE_LAYERS`."""
+  if layer not in FEATURE_LAYERS:
+    raise ValueError(f"unknown feature layer {layer!r}; choose one of {FEATURE_LAYERS}")
+  return layer
+
+
+def pooled_feature(features, layer: str = PRE_LOGITS) -> jax.Array:
+  """The `(B, C)` vector of `layer` (one of `FEATURE_LAYERS`) from the `features`
+  collection that `apply(..., mutable=[FEATURES])` returns."""
+  check_feature_layer(layer)
+  return (features["head"] if layer == PRE_LOGITS else features)[layer][0]

@@ -275,6 +275,10 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: paths.PathLike
     IncompatibleCheckpointError: the checkpoint holds another model than `config`.
   """
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  if not checkpoint_dir(workdir).exists():
+    raise FileNotFoundError(
+        f"no checkpoints in {workdir}: {checkpoint_dir(workdir)} does not exist (is it "
+        f"the directory of a training run?)")
   mesh = mesh if mesh is not None else sharding.make_mesh()
   ckpt = Checkpointer(workdir, read_only=True)
   steps = ckpt.all_steps()

@@ -15,11 +15,18 @@ decay added to the gradient) or AdamW (decoupled weight decay). Weight decay onl
 applies to `kernel` parameters (convolutions and dense layers): BatchNorm scales
 and biases, biases and the temporal modules' attention logits are not decayed.
 Gradients are clipped by global norm first (`optim.grad_clip_norm`, 0 disables), the
-classifier (`head/fc`) learns `optim.fc_lr_mult` times faster and GTA's global
-attention logits `G` `optim.global_logits_lr_mult` times faster.
+classifier (`head/fc`) learns `optim.fc_lr_mult` times faster, GTA's global
+attention logits `G` `optim.global_logits_lr_mult` times faster and the rest of the
+ResNet (neither the classifier nor a temporal module) at `optim.backbone_lr_mult`
+times the rate. Parameters whose path (`res2_block0/conv1/conv/kernel`) the regex
+`optim.freeze` finds stay fixed: their gradients are zeroed before clipping and
+their updates, weight decay included, after (their BatchNorm statistics still move
+in training).
 """
 
 from typing import Any
+
+import re
 
 import jax
 import ml_collections
@@ -28,6 +35,7 @@ from absl import logging
 from flax import traverse_util
 
 from gta_jax.models import gta
+from gta_jax.models import resnet
 
 SCHEDULES = ("cosine", "step", "plateau")
 OPTIMIZERS = ("sgd", "adamw")
@@ -94,13 +102,22 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def learning_rate_multipliers(params: Any, fc_lr_mult: float,
-                              global_logits_lr_mult: float = 1.0) -> Any:
-  """`fc_lr_mult` for the classifier's parameters, `global_logits_lr_mult` for GTA's
-  `G`s, 1 elsewhere."""
+                              global_logits_lr_mult: float = 1.0,
+                              backbone_lr_mult: float = 1.0, freeze: str = "") -> Any:
+  """Per-parameter multipliers of the update: `fc_lr_mult` for the classifier,
+  `global_logits_lr_mult` for GTA's `G`s, 1 elsewhere in temporal modules,
+  `backbone_lr_mult` for the rest, and 0 for what the regex `freeze` finds."""
+  frozen = re.compile(freeze) if freeze else None
+
   def multiplier(path):
+    if frozen is not None and frozen.search("/".join(path)):
+      return 0.0
     if path[:2] == CLASSIFIER:
       return fc_lr_mult
-    return global_logits_lr_mult if path[-1] == gta.GLOBAL_LOGITS else 1.0
+    if path[-1] == gta.GLOBAL_LOGITS:
+      return global_logits_lr_mult
+    in_temporal_module = any(p in resnet.HOOK_POSITIONS for p in path)
+    return 1.0 if in_temporal_module else backbone_lr_mult
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: multiplier(k) for k in flat})
 
@@ -129,12 +146,25 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
   if o.grad_clip_norm < 0 or o.weight_decay < 0:
     raise ValueError("config.optim.grad_clip_norm and weight_decay must be >= 0, got "
                      f"{o.grad_clip_norm}, {o.weight_decay}")
-  for key in ("fc_lr_mult", "global_logits_lr_mult"):
+  for key in ("fc_lr_mult", "global_logits_lr_mult", "backbone_lr_mult"):
     if o[key] <= 0:
       raise ValueError(f"config.optim.{key} must be > 0, got {o[key]}")
+  try:
+    multipliers = learning_rate_multipliers(params, o.fc_lr_mult, o.global_logits_lr_mult,
+                                            o.backbone_lr_mult, o.freeze)
+  except re.error as e:
+    raise ValueError(f"config.optim.freeze={o.freeze!r} is not a regex: {e}") from e
   schedule = learning_rate_schedule(config)
   mask = weight_decay_mask(params)
   parts = []
+  if o.freeze:
+    frozen = [k for k, m in traverse_util.flatten_dict(multipliers, sep="/").items() if not m]
+    if not frozen:
+      raise ValueError(f"config.optim.freeze={o.freeze!r} matches no parameter (paths "
+                       "look like 'res2_block0/conv1/conv/kernel')")
+    logging.info("config.optim.freeze=%r: %d parameter arrays frozen: %s", o.freeze,
+                 len(frozen), ", ".join(frozen))
+    parts.append(scale_by_tree(jax.tree.map(lambda m: float(m != 0), multipliers)))
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.name == "sgd":
@@ -143,7 +173,6 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
   else:
     parts += [optax.scale_by_adam(), optax.add_decayed_weights(o.weight_decay, mask)]
   parts.append(optax.scale_by_learning_rate(schedule))
-  if o.fc_lr_mult != 1.0 or o.global_logits_lr_mult != 1.0:
-    parts.append(scale_by_tree(learning_rate_multipliers(params, o.fc_lr_mult,
-                                                         o.global_logits_lr_mult)))
+  if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
+    parts.append(scale_by_tree(multipliers))
   return optax.chain(*parts)

@@ -43,7 +43,19 @@ def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array):
 
 
 def load_pretrained(variables: Any, config: ml_collections.ConfigDict) -> Any:
-  """Applies `config.model.pretrained` (ImageNet weights), if set, to host variables."""
+  """Applies `config.model.pretrained` (ImageNet weights) or `config.init_from` (a run
+  of this project, `training.finetune`), if set, to host variables.
+
+  Raises:
+    ValueError: both are set.
+  """
+  if config.model.pretrained and config.init_from:
+    raise ValueError("set config.model.pretrained (ImageNet weights) or config.init_from "
+                     f"(a run of this project), not both: got {config.model.pretrained!r} "
+                     f"and {config.init_from!r}")
+  if config.init_from:
+    from gta_jax.training import finetune  # pylint: disable=g-import-not-at-top
+    return finetune.load_init_from(variables, config)
   if not config.model.pretrained:
     return variables
   from gta_jax import pretrained  # pylint: disable=g-import-not-at-top
@@ -119,11 +131,12 @@ def _run_once(fn, *args, out_shardings=None):
 
 
 def initial_state(config: ml_collections.ConfigDict, model, tx, mesh) -> TrainState:
-  """A fresh replicated state: random init from `config.seed`, then pretrained weights."""
+  """A fresh replicated state: random init from `config.seed`, then pretrained weights
+  or those of `config.init_from` (:func:`load_pretrained`)."""
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   rep = sharding.replicated(mesh)
   rng = jax.random.key(config.seed)
-  if not config.model.pretrained:
+  if not (config.model.pretrained or config.init_from):
     return _run_once(lambda r: create_train_state(init_variables(model, config, r), tx),
                      rng, out_shardings=rep)
   variables = _run_once(lambda r: init_variables(model, config, r), rng)

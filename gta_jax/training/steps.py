@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from gta_jax.data import transforms
+from gta_jax.models import resnet
 from gta_jax.training import sharding
 from gta_jax.training.state import TrainState
 
@@ -97,13 +98,17 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
                  donate_argnums=0)
 
 
-def make_eval_step(model, mesh: Optional[Mesh] = None) -> Callable:
+def make_eval_step(model, mesh: Optional[Mesh] = None,
+                   feature_layer: Optional[str] = None) -> Callable:
   """A jitted multi-view prediction step.
 
   Args:
     model: the flax module.
     mesh: if given, variables are replicated, the batch split over `data` and the
       outputs gathered (replicated), so every process sees every video.
+    feature_layer: if given (`resnet.FEATURE_LAYERS`: `pre_logits`, `res2` ...
+      `res5`), the outputs also hold `features (B, C)`, that layer's pooled vector
+      averaged over the V views.
 
   Returns:
     `step(variables, batch) -> dict(probs=(B, K), label, mask, video_index)`, where
@@ -111,14 +116,21 @@ def make_eval_step(model, mesh: Optional[Mesh] = None) -> Callable:
     entries are passed through.
   """
 
+  if feature_layer is not None:
+    resnet.check_feature_layer(feature_layer)
+
   def eval_step(variables, batch):
     video = batch["video"]
     b, v = video.shape[:2]
-    logits = model.apply(variables, prepare_video(video.reshape((b * v,) + video.shape[2:])),
-                         train=False)
-    probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(b, v, -1).mean(axis=1)
+    clips = prepare_video(video.reshape((b * v,) + video.shape[2:]))
     out = {k: batch[k] for k in ("label", "mask", "video_index") if k in batch}
-    out["probs"] = probs
+    if feature_layer is None:
+      logits = model.apply(variables, clips, train=False)
+    else:
+      logits, sown = model.apply(variables, clips, train=False, mutable=[resnet.FEATURES])
+      features = resnet.pooled_feature(sown[resnet.FEATURES], feature_layer)
+      out["features"] = features.reshape(b, v, -1).mean(axis=1)
+    out["probs"] = jax.nn.softmax(logits.astype(jnp.float32)).reshape(b, v, -1).mean(axis=1)
     return out
 
   if mesh is None:

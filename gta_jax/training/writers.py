@@ -16,7 +16,7 @@ import logging as py_logging
 import os
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import tqdm
@@ -102,10 +102,11 @@ class MetricWriter:
       self._tb.close()
 
 
-def progress_bar(total: int, initial: int) -> tqdm.tqdm:
-  """A tqdm bar (steps/s, ETA) on process 0 when stderr is a terminal."""
-  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                   disable=jax.process_index() != 0 or not sys.stderr.isatty())
+def progress_bar(total: Optional[int], initial: int = 0, unit: str = "step",
+                 disable: bool = False) -> tqdm.tqdm:
+  """A tqdm bar (rate, ETA) on process 0 when stderr is a terminal."""
+  return tqdm.tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True,
+                   disable=disable or jax.process_index() != 0 or not sys.stderr.isatty())
 
 
 class _LibraryInfoFilter(py_logging.Filter):
