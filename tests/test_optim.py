@@ -192,3 +192,18 @@ def test_bad_optim_values_name_the_key(key, value, match):
     c.optim.schedule = "step"
   with pytest.raises(ValueError, match=match):
     optim.make_optimizer(c, toy_params())
+
+
+
+@pytest.mark.parametrize("lr_mults", [
+    {"fc_lr_mult": 1.0, "global_logits_lr_mult": 20.0},  # the synthetic recipes'
+    {"fc_lr_mult": 1.0, "global_logits_lr_mult": 1.0}, {"fc_lr_mult": 5.0}])
+def test_optimizer_state_structure_follows_from_the_config_alone(lr_mults):
+  """A checkpoint's optimizer state must restore from the config: a model without
+  GTA's `G` (so every multiplier is 1) gets the same chain of states as one with."""
+  config = make_config(**lr_mults)
+  with_g = toy_params()
+  without_g = {k: v for k, v in with_g.items() if k != "res3_block0"}
+  kinds = lambda params: [type(s).__name__ for s in
+                          optim.make_optimizer(config, params).init(params)]
+  assert kinds(with_g) == kinds(without_g)

@@ -173,6 +173,10 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
   else:
     parts += [optax.scale_by_adam(), optax.add_decayed_weights(o.weight_decay, mask)]
   parts.append(optax.scale_by_learning_rate(schedule))
-  if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
+  # Decided by the config alone, never by which parameters a model has, so that the
+  # optimizer state's structure (and so every checkpoint written before a new key
+  # existed) follows from the config.
+  if (o.fc_lr_mult != 1.0 or o.global_logits_lr_mult != 1.0 or o.backbone_lr_mult != 1.0
+      or o.freeze):
     parts.append(scale_by_tree(multipliers))
   return optax.chain(*parts)
