@@ -10,6 +10,7 @@ from typing import Callable, Union
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES_ENV = "GTA_JAX_HUGE_PAGES"  # "0" turns `use_huge_pages` off.
@@ -106,6 +107,16 @@ def report_error(error: Exception) -> int:
 def define_checkpoint_step_flag() -> None:
   flags.DEFINE_string("checkpoint_step", "latest",
                       "A step number, 'latest' or 'best' (by validation top-1).")
+
+
+def define_run_flags() -> None:
+  """`--config`, `--workdir` and `--checkpoint_step` of the tools that read a training
+  run's checkpoint (predict, features, export); both the first are required."""
+  config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
+                                  "trained with.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  define_checkpoint_step_flag()
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def checkpoint_step() -> Union[int, str]:

@@ -132,15 +132,11 @@ def main(argv):
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
-                                  "trained with.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  cli.define_run_flags()
   flags.DEFINE_string("out", None, "The file to write (e.g. model.jaxexport).")
   flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for; those where "
                     "the model does not lower are left out with a warning.")
-  cli.define_checkpoint_step_flag()
-  flags.mark_flags_as_required(["config", "workdir", "out"])
+  flags.mark_flag_as_required("out")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from gta_jax import cli
 from gta_jax import paths
@@ -144,17 +143,14 @@ def main(argv):
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
-                                  "trained with.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  cli.define_run_flags()
   flags.DEFINE_string("out", None, "The .npz file to write.")
   flags.DEFINE_string("split", None, "The prepared split (default config.eval.split).")
   flags.DEFINE_bool("videos", False, "Read the video files and folders given after the "
                     "flags instead of a split.")
   flags.DEFINE_enum("layer", resnet.PRE_LOGITS, resnet.FEATURE_LAYERS,
                     "The pooled output to take: the pre-logits or a stage's.")
-  cli.define_checkpoint_step_flag()
-  flags.mark_flags_as_required(["config", "workdir", "out"])
+  flags.mark_flag_as_required("out")
 
 
 if __name__ == "__main__":

@@ -256,15 +256,10 @@ def main(argv):
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
-                                  "trained with.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  cli.define_run_flags()
   flags.DEFINE_integer("top_k", 5, "How many classes to print per video.")
   flags.DEFINE_bool("json", False, "Print one JSON document instead of text.")
   flags.DEFINE_string("out", "", "Also write the top-k of every video to this CSV file.")
-  cli.define_checkpoint_step_flag()
-  flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
