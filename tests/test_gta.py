@@ -141,7 +141,10 @@ def test_block_matches_reference(switches):
   block, x, variables = random_block(**switches)
   got = block.apply(variables, x)
   want = reference_gta(x, variables, **switches)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # float32 against the float64 reference, relative to the largest output: the BN
+  # after the projection divides by a small standard deviation, so an absolute 1e-5
+  # depends on the draw (measured over these cases: at most 6e-7 of max|want|).
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 def test_region_norm_matches_a_loop_reference():
