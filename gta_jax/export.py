@@ -94,12 +94,9 @@ def export_model(config, variables, platforms: Sequence[str] = PLATFORMS):
 def run(config, workdir: str, out: str, platforms: Sequence[str] = PLATFORMS,
         step: Union[int, str] = "latest") -> None:
   """Exports checkpoint `step` of `workdir` to the file `out`, and says what it wrote."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  mesh = Mesh(np.array(jax.local_devices()[:1]), (sharding.DATA_AXIS,))
+  mesh = sharding.local_mesh()
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
   exported, failures = export_model(config, variables, platforms)
   data = exported.serialize()

@@ -118,14 +118,12 @@ class Predictor:
 
   def __init__(self, config, workdir: str, step: Union[int, str] = "latest",
                feature_layer: Optional[str] = None):
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
     from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
     from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
     from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
     from gta_jax.training import steps  # pylint: disable=g-import-not-at-top
     self.config = config
-    mesh = Mesh(np.array(jax.local_devices()[:1]), (sharding.DATA_AXIS,))
+    mesh = sharding.local_mesh()
     self.variables, self.step = checkpoint.restore_variables(config, workdir, step, mesh)
     self.class_names = class_names(config)
     self._eval_step = steps.make_eval_step(registry.build_model(config),

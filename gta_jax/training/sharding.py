@@ -92,6 +92,12 @@ def make_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), (DATA_AXIS,))
 
 
+def local_mesh() -> Mesh:
+  """A mesh of this process's first device, axis `data`: inference on one host
+  (`predict`, `export`), whatever the process count."""
+  return Mesh(np.array(jax.local_devices()[:1]), (DATA_AXIS,))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
