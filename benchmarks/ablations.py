@@ -28,30 +28,40 @@ from typing import Dict, List, Sequence
 from absl import app
 from absl import flags
 import numpy as np
+import real_videos
+
+from gta_jax.data.builders import synthetic_motion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The overrides of a row trained on the folder of benchmarks/real_videos.py; the
+# placeholder becomes --real_videos_dir.
+REAL_VIDEOS = ("data.dataset=video_folder", "data.manual_dir={real_videos}")
 
 # name: (config file, overrides, what the row changes). The GTA rows change one
 # switch of configs/synthetic_gta.py each.
 ROWS = {
-    "gta": ("synthetic_gta", (), "GTA alone, the default recipe"),
+    "gta": ("synthetic_gta", (), "GTA alone, the default recipe (grouped heads)"),
     "tsn": ("synthetic_tsn", (), "TSN, no temporal module"),
     "tsm": ("synthetic_tsm", (), "TSM shift in every block"),
     "ssa": ("synthetic_ssa", (), "SSA alone, the default recipe"),
     "gta_instance": ("synthetic_gta", ("model.gta.temporal_attention=instance",),
                      "GTA, q.k attention over frames instead of the global matrix"),
-    "tsm_gta": ("synthetic_tsm_gta", (), "GTA on a TSM backbone"),
-    "gta_global_instance": (
-        "synthetic_gta", ("model.gta.temporal_attention=global+instance",),
-        "GTA, global matrix plus q.k logits"),
     "gta_pixel": ("synthetic_gta", ("model.gta.granularity=pixel",),
                   "GTA, pixel branch only"),
     "gta_region": ("synthetic_gta", ("model.gta.granularity=region",),
                    "GTA, region branch only"),
-    "gta_grouped_heads": ("synthetic_gta", ("model.gta.cross_channel=False",),
-                          "GTA, each head projects only its own channels"),
+    "gta_cross_channel": ("synthetic_gta", ("model.gta.cross_channel=True",),
+                          "GTA, the paper's cross-channel heads"),
     "nl3d": ("synthetic_nl", ("model.nl.kind=3d", "model.nl.placement=res3:0;res4:0"),
              "joint space-time (3D) Non-local at GTA's places"),
+    "tsm_gta": ("synthetic_tsm_gta", (), "GTA on a TSM backbone"),
+    "real_gta": ("synthetic_gta", REAL_VIDEOS,
+                 "GTA alone on real H.264 files (`benchmarks/real_videos.py`)"),
+    "real_tsn": ("synthetic_tsn", REAL_VIDEOS,
+                 "TSN on real H.264 files (`benchmarks/real_videos.py`)"),
+    "gta_global_instance": (
+        "synthetic_gta", ("model.gta.temporal_attention=global+instance",),
+        "GTA, global matrix plus q.k logits"),
     "gta_input_s": ("synthetic_gta", ("model.gta.temporal_input=s",),
                     "GTA, temporal step on the spatial attention's output only"),
     "gta_input_xs": ("synthetic_gta", ("model.gta.temporal_input=x+s",),
@@ -70,8 +80,23 @@ ROWS = {
                       "GTA after res4 and res5 block 0 (the previous placement)"),
     "ssa_gate0": ("synthetic_ssa", ("model.ssa.gate_init=0.0",),
                   "SSA, output BN scale starting at 0"),
+    "ssa_separate_value": ("synthetic_ssa", ("model.ssa.shared_value=False",),
+                           "SSA, the temporal conv also gives the value (no SVE)"),
     "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
                     "SSA, 1x1x1 temporal conv (blind to order)"),
+    # Runs of the cross-channel recipe (the default before grouped heads).
+    "xc_gta_instance": ("synthetic_gta", ("model.gta.cross_channel=True",
+                                          "model.gta.temporal_attention=instance"),
+                        "cross-channel GTA, q.k attention instead of the global matrix"),
+    "xc_gta_pixel": ("synthetic_gta", ("model.gta.cross_channel=True",
+                                       "model.gta.granularity=pixel"),
+                     "cross-channel GTA, pixel branch only"),
+    "xc_gta_region": ("synthetic_gta", ("model.gta.cross_channel=True",
+                                        "model.gta.granularity=region"),
+                      "cross-channel GTA, region branch only"),
+    "xc_gta_softmax": ("synthetic_gta", ("model.gta.cross_channel=True",
+                                         "model.gta.global_norm=softmax"),
+                       "cross-channel GTA, A = row softmax of G"),
 }
 
 # The abstract's claims: (claim, row that has it, rows without it).
@@ -80,7 +105,7 @@ CLAIMS = (
      "gta", ("nl3d",)),
     ("a learned global attention matrix shared by all samples", "gta",
      ("gta_instance",)),
-    ("cross-channel multi-head", "gta", ("gta_grouped_heads",)),
+    ("cross-channel multi-head", "gta_cross_channel", ("gta",)),
     ("applied on pixels and on semantically similar regions", "gta",
      ("gta_pixel", "gta_region")),
 )
@@ -90,30 +115,49 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of each row.")
 _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "/tmp/ablations",
                                     "Run folders go to <root>/<row>_seed<N>.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "./data", "config.data.data_dir.")
+_REAL_VIDEOS_DIR = flags.DEFINE_string(
+    "real_videos_dir", "/tmp/gta_jax_real_videos",
+    "The folder of benchmarks/real_videos.py of the real_* rows (written if missing).")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", os.path.join(REPO, "benchmarks",
                                                          "ablation_runs"),
                                 "Where the per-run JSON files are cached.")
 _DOC = flags.DEFINE_string("doc", os.path.join(REPO, "docs", "ablations.md"),
                            "The generated table.")
+_README = flags.DEFINE_string("readme", os.path.join(REPO, "README.md"),
+                              "Its block between the README_BEGIN and README_END "
+                              "lines gets the summary table.")
 _FORCE = flags.DEFINE_bool("force", False, "Re-run cached runs.")
 
+# The rows of the README's summary, and the lines around it there.
+README_ROWS = ("gta", "ssa", "tsm", "tsn", "gta_instance", "tsm_gta", "real_gta",
+               "real_tsn")
+README_BEGIN = "<!-- generated by benchmarks/ablations.py: begin -->"
+README_END = "<!-- generated by benchmarks/ablations.py: end -->"
 
-def commands(row: str, seed: int, workdir: str, data_dir: str) -> List[List[str]]:
+
+def commands(row: str, seed: int, workdir: str, data_dir: str,
+             real_videos_dir: str) -> List[List[str]]:
   """The train and eval commands of one run, as run from the repository root."""
   config, overrides, _ = ROWS[row]
   flags_ = [f"--config=configs/{config}.py", f"--workdir={workdir}",
             f"--config.seed={seed}", f"--config.data.data_dir={data_dir}"]
-  flags_ += [f"--config.{o}" for o in overrides]
+  flags_ += [f"--config.{o.replace('{real_videos}', real_videos_dir)}"
+             for o in overrides]
   return [["python", script] + flags_ for script in ("train.py", "eval.py")]
 
 
-def pair_accuracy(predictions_csv: str) -> Dict[str, float]:
+def pairs_of(row: str) -> Sequence[Sequence[str]]:
+  """The reversed pairs of classes of the dataset a row trains on."""
+  return real_videos.PAIRS if ROWS[row][1][:1] == REAL_VIDEOS[:1] else synthetic_motion.PAIRS
+
+
+def pair_accuracy(predictions_csv: str,
+                  pairs: Sequence[Sequence[str]]) -> Dict[str, float]:
   """Accuracy on the videos of each reversed pair of classes."""
-  from gta_jax.data.builders import synthetic_motion  # pylint: disable=g-import-not-at-top
   with open(predictions_csv) as f:
     rows = [line.rstrip("\n").split(",") for line in f][1:]
   out = {}
-  for first, second in synthetic_motion.PAIRS:
+  for first, second in pairs:
     hits = [label == pred for _, label, pred, *_ in rows if label in (first, second)]
     out[f"{first}/{second}"] = float(np.mean(hits))
   return out
@@ -122,7 +166,9 @@ def pair_accuracy(predictions_csv: str) -> Dict[str, float]:
 def run_one(row: str, seed: int) -> Dict:
   """Trains and evaluates one row with one seed; returns the cached record."""
   workdir = os.path.join(_WORKDIR_ROOT.value, f"{row}_seed{seed}")
-  cmds = commands(row, seed, workdir, _DATA_DIR.value)
+  cmds = commands(row, seed, workdir, _DATA_DIR.value, _REAL_VIDEOS_DIR.value)
+  if ROWS[row][1][:1] == REAL_VIDEOS[:1]:
+    real_videos.make_folder(_REAL_VIDEOS_DIR.value)
   shutil.rmtree(workdir, ignore_errors=True)  # train.py would resume from it
   seconds = []
   for cmd in cmds:
@@ -146,8 +192,9 @@ def run_one(row: str, seed: int) -> Dict:
       row=row, config=f"configs/{config}.py", overrides=list(overrides), seed=seed,
       commands=[shlex.join(c) for c in cmds], step=summary["step"],
       top1=summary["top1"], top5=summary["top5"],
-      per_pair=pair_accuracy(os.path.join(eval_dir,
-                                          summaries[-1][:-5] + "_predictions.csv")),
+      per_pair=pair_accuracy(
+          os.path.join(eval_dir, summaries[-1][:-5] + "_predictions.csv"),
+          pairs_of(row)),
       train_seconds=round(seconds[0], 1), eval_seconds=round(seconds[1], 1),
       date=time.strftime("%Y-%m-%d %H:%M"))
 
@@ -182,6 +229,36 @@ def _verdict(runs: Dict[str, List[Dict]], having: str, without: Sequence[str]) -
   return f"{word}: mean top-1 {', '.join(parts)}"
 
 
+def _config_cell(row: str) -> str:
+  config, overrides, _ = ROWS[row]
+  return " ".join([f"`{config}`"] + [f"`{o}`" for o in overrides])
+
+
+def render_summary(runs: Dict[str, List[Dict]]) -> str:
+  """The README's table: top-1 of the :data:`README_ROWS` that have runs."""
+  lines = ["| row | what | config, overrides | val top-1 mean | min-max | seeds |",
+           "| --- " * 6 + "|"]
+  for row in README_ROWS:
+    if row in runs:
+      top1 = [r["top1"] for r in sorted(runs[row], key=lambda r: r["seed"])]
+      lines.append(f"| `{row}` | {ROWS[row][2]} | {_config_cell(row)} | "
+                   f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | "
+                   + ", ".join(str(r["seed"]) for r in sorted(runs[row],
+                                                             key=lambda r: r["seed"]))
+                   + " |")
+  return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+  """`text` with the lines between README_BEGIN and README_END set to `block`."""
+  if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+    raise ValueError(f"the README must hold the lines {README_BEGIN!r} and "
+                     f"{README_END!r} once each")
+  head, rest = text.split(README_BEGIN + "\n")
+  _, tail = rest.split(README_END)
+  return head + README_BEGIN + "\n" + block + README_END + tail
+
+
 def render(runs: Dict[str, List[Dict]]) -> str:
   """docs/ablations.md from the cached runs."""
   lines = [
@@ -193,9 +270,13 @@ def render(runs: Dict[str, List[Dict]]) -> str:
       "steps of 16 clips, AdamW), once per seed; val top-1 on the 250 validation videos",
       "(1 clip x centre crop), the mean and the range over seeds. Pair accuracy: the",
       "accuracy on the 50 videos of each pair of classes that are each other's reverse",
-      "in time (a model blind to frame order gets about 0.5 at best). Train time: the",
-      "wall time of `train.py` (compilation and data included) on a 2-core CPU shared",
-      "with other jobs, so only a rough guide.",
+      "in time (a model blind to frame order gets about 0.5 at best). The `real_*` rows",
+      "train on the folder of `benchmarks/real_videos.py` instead: H.264 files of a",
+      "camera moving over real photos, in the same five pairs of motions (right, down,",
+      "growing, clockwise, brightening and their reverses) and of the same size (1200",
+      "training and 250 validation videos), read through the `video_folder` builder.",
+      "Train time: the wall time of `train.py` (compilation and data included) on a",
+      "2-core CPU shared with other jobs, so only a rough guide.",
       "",
       "## The GTA abstract's claims on this task",
       "",
@@ -206,26 +287,23 @@ def render(runs: Dict[str, List[Dict]]) -> str:
   ]
   for claim, having, without in CLAIMS:
     lines.append(f"- {claim}: {_verdict(runs, having, without)}.")
-  pair_names = None
   table = []
   for row in ROWS:
     if row not in runs:
       continue
     rs = sorted(runs[row], key=lambda r: r["seed"])
     top1 = [r["top1"] for r in rs]
-    pair_names = list(rs[0]["per_pair"])
-    pairs = [np.mean([r["per_pair"][p] for r in rs]) for p in pair_names]
-    config, overrides, what = ROWS[row]
+    pairs = np.mean([list(r["per_pair"].values()) for r in rs], axis=0)
     table.append(
-        f"| `{row}` | {what} | `{config}` {' '.join(f'`{o}`' for o in overrides)} | "
+        f"| `{row}` | {ROWS[row][2]} | {_config_cell(row)} | "
         f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | "
         + " | ".join(f"{p:.2f}" for p in pairs)
         + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} s | "
         + ", ".join(str(r["seed"]) for r in rs) + " |")
   lines += ["", "## Rows", ""]
   if table:
-    short = [p.split("/")[0].replace("moving_", "").replace("rotating_", "")
-             for p in pair_names]
+    short = [first.replace("moving_", "").replace("rotating_", "")
+             for first, _ in synthetic_motion.PAIRS]
     lines.append("| row | what | config, overrides | top-1 mean | min-max | "
                  + " | ".join(f"{s}/rev." for s in short)
                  + " | train time | seeds |")
@@ -242,8 +320,14 @@ def render(runs: Dict[str, List[Dict]]) -> str:
 
 
 def write_doc() -> None:
+  """Writes docs/ablations.md and the README's summary from the cached runs."""
+  runs = load_runs(_RUNS_DIR.value)
   with open(_DOC.value, "w") as f:
-    f.write(render(load_runs(_RUNS_DIR.value)))
+    f.write(render(runs))
+  with open(_README.value) as f:
+    readme = f.read()
+  with open(_README.value, "w") as f:
+    f.write(replace_block(readme, render_summary(runs)))
 
 
 def main(argv):

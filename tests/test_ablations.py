@@ -1,0 +1,129 @@
+"""benchmarks/ablations.py's bookkeeping and benchmarks/real_videos.py's folder."""
+
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import ablations  # pylint: disable=g-import-not-at-top,wrong-import-position
+import real_videos  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from gta_jax.data import video_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("real_videos"))
+  real_videos.make_folder(out, train_per_class=2, val_per_class=1)
+  return out
+
+
+def _mean_shift(frames):
+  """Mean (dx, dy) of the content between consecutive frames (phase correlation)."""
+  gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float64) for f in frames]
+  shifts = [cv2.phaseCorrelate(a, b)[0] for a, b in zip(gray[:-1], gray[1:])]
+  return np.mean(shifts, axis=0)
+
+
+def test_real_videos_decode_and_move_the_way_their_class_says(real_folder):
+  for split, count in (("train", 2), ("val", 1)):
+    assert sorted(os.listdir(os.path.join(real_folder, split))) == sorted(
+        real_videos.CLASS_NAMES)
+    for name in real_videos.CLASS_NAMES:
+      files = sorted(os.listdir(os.path.join(real_folder, split, name)))
+      assert len(files) == count and all(f.endswith(".mp4") for f in files)
+  clips = {name: [video_io.read_video(os.path.join(real_folder, "train", name, f"{i:04d}.mp4"))
+                  for i in range(2)] for name in real_videos.CLASS_NAMES}
+  assert all(len(v) == 24 and v[0].shape == (72, 96, 3) for c in clips.values() for v in c)
+  for clip in clips["moves_right"]:
+    assert _mean_shift(clip)[0] > 0.3
+  for clip in clips["moves_left"]:
+    assert _mean_shift(clip)[0] < -0.3
+  for clip in clips["moves_down"]:
+    assert _mean_shift(clip)[1] > 0.3
+  for clip in clips["moves_up"]:
+    assert _mean_shift(clip)[1] < -0.3
+  for name, sign in (("brightens", 1), ("darkens", -1)):
+    for clip in clips[name]:
+      assert sign * (clip[-1].mean() - clip[0].mean()) > 20
+
+
+def test_real_videos_keep_existing_files(real_folder):
+  path = os.path.join(real_folder, "val", "grows", "0000.mp4")
+  before = os.path.getmtime(path)
+  real_videos.make_folder(real_folder, train_per_class=2, val_per_class=1)
+  assert os.path.getmtime(path) == before
+
+
+def test_commands_put_the_real_folder_in_place_of_the_placeholder():
+  train, evaluate = ablations.commands("real_gta", 3, "/w", "/d", "/videos")
+  assert train[:2] == ["python", "train.py"] and evaluate[1] == "eval.py"
+  assert train[2:] == evaluate[2:]
+  assert "--config.data.manual_dir=/videos" in train
+  assert "--config.data.dataset=video_folder" in train
+  assert "--config.seed=3" in train and "--config.data.data_dir=/d" in train
+  assert ablations.pairs_of("real_gta") == real_videos.PAIRS
+  assert ablations.pairs_of("gta") != real_videos.PAIRS
+
+
+def test_pair_accuracy_counts_each_pair_of_classes(tmp_path):
+  csv = tmp_path / "p.csv"
+  rows = [("a", "moves_right", "moves_right"), ("b", "moves_left", "moves_right"),
+          ("c", "grows", "grows"), ("d", "shrinks", "shrinks"),
+          ("e", "brightens", "darkens")]
+  csv.write_text("video,label,prediction,score\n"
+                 + "".join(f"{v},{l},{p},0.5\n" for v, l, p in rows))
+  got = ablations.pair_accuracy(str(csv), real_videos.PAIRS)
+  assert got["moves_right/moves_left"] == 0.5
+  assert got["grows/shrinks"] == 1.0
+  assert got["brightens/darkens"] == 0.0
+  assert np.isnan(got["moves_down/moves_up"])  # no videos of that pair
+
+
+def _run(row, seed, top1):
+  return dict(row=row, seed=seed, top1=top1, overrides=list(ablations.ROWS[row][1]),
+              per_pair={str(i): top1 for i in range(5)}, train_seconds=1.0,
+              commands=["python train.py", "python eval.py"], date="today")
+
+
+@pytest.mark.parametrize("having, without, word", [
+    ((0.9, 0.92), (0.5, 0.6), "**supported**"),
+    ((0.9, 0.92), (0.5, 0.91), "**inconclusive**"),
+    ((0.9, 0.92), (0.95, 0.91), "**not supported**"),
+])
+def test_verdict_compares_every_seed(having, without, word):
+  runs = {"gta": [_run("gta", s, t) for s, t in enumerate(having)],
+          "gta_instance": [_run("gta_instance", s, t) for s, t in enumerate(without)]}
+  assert ablations._verdict(runs, "gta", ("gta_instance",)).startswith(word)
+  assert ablations._verdict({}, "gta", ("gta_instance",)).startswith("not measured")
+
+
+def test_stale_runs_are_left_out_of_the_table(tmp_path):
+  fresh, stale = _run("gta_pixel", 0, 0.9), _run("gta_region", 0, 0.4)
+  stale["overrides"] = ["model.gta.granularity=pixel"]  # not the row's definition
+  for run in (fresh, stale):
+    (tmp_path / f"{run['row']}_seed0.json").write_text(json.dumps(run))
+  runs = ablations.load_runs(str(tmp_path))
+  assert list(runs) == ["gta_pixel"]
+  doc = ablations.render(runs)
+  assert "| `gta_pixel` |" in doc and "| `gta_region` |" not in doc
+  assert "**0.900**" in doc
+
+
+def test_readme_block_is_replaced_and_the_rest_kept():
+  runs = {"gta": [_run("gta", 1, 0.9), _run("gta", 0, 0.8)],
+          "gta_pixel": [_run("gta_pixel", 0, 0.7)]}  # not a README row
+  summary = ablations.render_summary(runs)
+  assert "| `gta` |" in summary and "**0.850** | 0.800-0.900 | 0, 1 |" in summary
+  assert "gta_pixel" not in summary
+  text = (f"intro\n{ablations.README_BEGIN}\nold table\n{ablations.README_END}\nrest\n")
+  got = ablations.replace_block(text, summary)
+  assert got == f"intro\n{ablations.README_BEGIN}\n{summary}{ablations.README_END}\nrest\n"
+  assert ablations.replace_block(got, summary) == got
+  with pytest.raises(ValueError, match="begin"):
+    ablations.replace_block("no markers", summary)
