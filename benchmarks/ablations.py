@@ -82,6 +82,8 @@ ROWS = {
                   "SSA, output BN scale starting at 0"),
     "ssa_separate_value": ("synthetic_ssa", ("model.ssa.shared_value=False",),
                            "SSA, the temporal conv also gives the value (no SVE)"),
+    "ssa_heads8": ("synthetic_ssa", ("model.ssa.temporal_heads=8",),
+                   "SSA, 8 temporal heads, each mixing its own channels"),
     "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
                     "SSA, 1x1x1 temporal conv (blind to order)"),
     # Runs of the cross-channel recipe (the default before grouped heads).

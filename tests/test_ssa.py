@@ -25,8 +25,8 @@ def _softmax(logits, xp):
 
 def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   temporal_kernel=3, temporal_padding="zeros", scale="none",
-                  residual=False, gate_init=0.0, reduction=1, spatial_chunk=0,
-                  save_probs=True, xp=np):
+                  residual=False, gate_init=0.0, reduction=1, temporal_heads=1,
+                  spatial_chunk=0, save_probs=True, xp=np):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
   `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad` (no
@@ -64,10 +64,12 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
       xp.einsum("bthwc,cd->bthwd", padded[:, i:i + t], kernel[i]) for i in range(kt))
   q_hat, k_hat = qkv_hat[..., :d], qkv_hat[..., d:2 * d]
   value = v if shared_value else qkv_hat[..., 2 * d:]
-  s_t = 1.0 if scale == "none" else (h * w * d) ** -0.5
-  m_t = _softmax(xp.einsum("bthwc,bshwc->bts", q_hat, k_hat) * s_t, xp)
+  # One T x T matrix per head, from the head's slice of channels.
+  heads = lambda a: a.reshape(b, t, h, w, temporal_heads, d // temporal_heads)
+  s_t = 1.0 if scale == "none" else (h * w * d // temporal_heads) ** -0.5
+  m_t = _softmax(xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t, xp)
   # Eq. 8: the temporal weights mix the (shared) value embedding.
-  y = xp.einsum("bts,bshwc->bthwc", m_t, value)
+  y = xp.einsum("bnts,bshwnc->bthwnc", m_t, heads(value)).reshape(b, t, h, w, d)
   if reduction > 1:
     y = dense(p["out"], y)
   if residual:  # BN with its initial statistics (mean 0, variance 1)
@@ -85,6 +87,8 @@ SWITCHES = [
     {"residual": True},
     {"residual": True, "reduction": 2, "gate_init": 1.0},
     {"reduction": 2},
+    {"temporal_heads": 4},
+    {"temporal_heads": 2, "reduction": 2, "shared_value": False, "residual": True},
     {"spatial_chunk": 3, "save_probs": False},  # 8 frames in chunks of 3: padded
 ]
 switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
@@ -132,7 +136,7 @@ GRADIENT_CASES = [
     {"scale": "sqrt_d", "shared_value": False, "temporal_kernel": 5,
      "temporal_padding": "edge", "residual": True, "reduction": 2, "gate_init": 1.0},
     {"scale": "sqrt_d", "channel_branch": False, "temporal_kernel": 1,
-     "residual": True},
+     "residual": True, "temporal_heads": 4},
 ]
 
 
@@ -209,7 +213,8 @@ def test_bad_config_names_the_key():
   with pytest.raises(ValueError, match="config.model.ssa.save_probs.*spatial_chunk=0"):
     build_model(config)
   config.model.ssa.spatial_chunk = 0
-  for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap")):
+  for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap"),
+                   ("temporal_heads", 0)):
     good = config.model.ssa[key]
     config.model.ssa[key] = bad
     with pytest.raises(ValueError, match=f"config.model.ssa.{key}"):
@@ -220,6 +225,12 @@ def test_bad_config_names_the_key():
     config.model.ssa.gate_init = "one"
   with pytest.raises(ValueError, match="config.model.ssa.gate_init"):
     build_model(config)
+
+
+def test_temporal_heads_that_do_not_divide_the_channels_are_refused():
+  module = ssa.SeparableSelfAttention(temporal_heads=3)
+  with pytest.raises(ValueError, match="temporal_heads 3 does not divide the 8"):
+    module.init(jax.random.key(0), jnp.zeros(SHAPE))
 
 
 @pytest.mark.parametrize("num_frames", [8, 16])

@@ -121,6 +121,9 @@ class SeparableSelfAttention(nn.Module):
       the identity at init).
     reduction: q, k, v have `C // reduction` channels; above 1 a 1x1 conv maps
       `y` back to C channels.
+    temporal_heads: the temporal step's heads (1 in the paper): head `n` forms
+      its own `M_T` from its slice of `C // reduction // temporal_heads` channels
+      and mixes only that slice of the value; must divide `C // reduction`.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -139,6 +142,7 @@ class SeparableSelfAttention(nn.Module):
   residual: bool = False
   gate_init: float = 0.0
   reduction: int = 1
+  temporal_heads: int = 1
   spatial_chunk: int = 0
   save_probs: bool = True
   dtype: Any = jnp.float32
@@ -150,6 +154,11 @@ class SeparableSelfAttention(nn.Module):
       raise ValueError(f"SSA reduction {self.reduction} does not divide the "
                        f"{c} channels of its input {x.shape}")
     inner = c // self.reduction
+    heads = self.temporal_heads
+    if inner % heads:
+      raise ValueError(f"SSA: temporal_heads {heads} does not divide the {inner} "
+                       f"channels of q, k and v (input {x.shape}, reduction "
+                       f"{self.reduction}; config.model.ssa.temporal_heads)")
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     q, k, v = (dense(inner, name=n)(x) for n in ("query", "key", "value"))
 
@@ -174,8 +183,12 @@ class SeparableSelfAttention(nn.Module):
     q_hat, k_hat, *v_hat = jnp.split(qkv_hat, num_out, axis=-1)
     value = v_hat[0] if v_hat else v
 
-    clips = lambda a: a.reshape(b, t, h * w * inner)
-    y = temporal(clips(q_hat), clips(k_hat), clips(value)).reshape(b, t, h, w, inner)
+    # Each head's frames as vectors of H*W*(inner / heads): (B * heads, T, .).
+    clips = lambda a: a.reshape(b, t, h * w, heads, inner // heads).transpose(
+        0, 3, 1, 2, 4).reshape(b * heads, t, -1)
+    y = temporal(clips(q_hat), clips(k_hat), clips(value))
+    y = y.reshape(b, heads, t, h * w, inner // heads).transpose(0, 2, 3, 1, 4)
+    y = y.reshape(b, t, h, w, inner)
     if self.residual:
       return hooks.residual_tail(x, y, train=train, dtype=self.dtype,
                                  gate_init=self.gate_init, project=inner != c)
@@ -194,7 +207,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
       temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
-      gate_init=0.0, reduction=1,
+      gate_init=0.0, reduction=1, temporal_heads=1,
       **FAST_MEMORY_MODE))
 
 
@@ -216,6 +229,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if not isinstance(cfg.reduction, int) or cfg.reduction < 1:
     raise ValueError(f"config.model.ssa.reduction must be a positive int, "
                      f"got {cfg.reduction!r}")
+  if not isinstance(cfg.temporal_heads, int) or cfg.temporal_heads < 1:
+    raise ValueError(f"config.model.ssa.temporal_heads must be a positive int, "
+                     f"got {cfg.temporal_heads!r}")
   if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
     raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
                      f"got {cfg.spatial_chunk!r}")
@@ -233,7 +249,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       shared_value=cfg.shared_value, temporal_kernel=cfg.temporal_kernel,
       temporal_padding=cfg.temporal_padding, scale=cfg.scale,
       residual=cfg.residual, gate_init=float(cfg.gate_init), reduction=cfg.reduction,
-      spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
+      temporal_heads=cfg.temporal_heads, spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
 
 
 SSA_SPEC = hooks.TemporalModuleSpec(
