@@ -130,8 +130,8 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   and res5 block 0, where its spatial attention is cheap (SSA inside res3's first
   block would attend over 32x32 positions: 3x the step time). GTA's and SSA's
   output BN scale starts at 1 (trained from scratch, no identity is needed at init);
-  GTA's heads are grouped, not cross-channel; the other GTA switches keep their
-  defaults (docs/ablations.md).
+  GTA's heads are grouped, not cross-channel, and SSA has 8 temporal heads; the
+  other switches keep their defaults (docs/ablations.md).
   """
   c = base_config()
   # Measured (README, "Results"): a TSM reaches 0.9 val top-1 in about 500 steps.
@@ -160,13 +160,17 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.ssa.scale = "sqrt_d"  # unscaled, the temporal softmax starts one-hot
   c.model.ssa.residual = True  # x + BN(y)
   c.model.ssa.gate_init = 1.0  # trained from scratch: no identity needed at init
+  # 8 temporal heads, each mixing its own channels, instead of the paper's one
+  # (docs/ablations.md, rows `ssa` and `ssa_one_head`).
+  c.model.ssa.temporal_heads = 8
   # After res3 and res4: a block after res5 is followed only by linear layers, so it
   # could only reweight frames, not compare where things are.
   c.model.gta.placement = "res3:0;res4:0"
   c.model.gta.gate_init = 1.0
   # Grouped heads (each head projects its own slice of channels) instead of the
   # paper's cross-channel heads: 0.956/0.964 against 0.880/0.868 val top-1 (seeds
-  # 0, 1) in a third of the train time (docs/ablations.md, `gta_cross_channel`).
+  # 0, 1; docs/ablations.md, `gta_cross_channel`), for a step about 20% slower on
+  # XLA:CPU (docs/gta.md, "Placement").
   c.model.gta.cross_channel = False
   # G starts far from uniform and learns 20x faster: with std 0.02 and AdamW's
   # ~lr-sized steps, G stayed a uniform temporal average for hundreds of steps.
