@@ -106,15 +106,17 @@ ROWS = {
                             "one-head SSA, the temporal conv also gives the value"),
 }
 
-# The abstract's claims: (claim, row that has it, rows without it).
+# The abstract's claims: (claim, row that has it, rows without it, caveat).
 CLAIMS = (
     ("temporal attention decoupled from (on top of) spatial attention",
-     "gta", ("nl3d",)),
+     "gta", ("nl3d",),
+     "the 3D Non-local has no positional encoding, so it is blind to frame order "
+     "as well: this pair cannot tell decoupling from the global matrix"),
     ("a learned global attention matrix shared by all samples", "gta",
-     ("gta_instance",)),
-    ("cross-channel multi-head", "gta_cross_channel", ("gta",)),
+     ("gta_instance",), ""),
+    ("cross-channel multi-head", "gta_cross_channel", ("gta",), ""),
     ("applied on pixels and on semantically similar regions", "gta",
-     ("gta_pixel", "gta_region")),
+     ("gta_pixel", "gta_region"), ""),
 )
 
 _ROWS = flags.DEFINE_list("rows", list(ROWS), "Rows to run, in order ('' = none).")
@@ -292,8 +294,9 @@ def render(runs: Dict[str, List[Dict]]) -> str:
       "*inconclusive* otherwise.",
       "",
   ]
-  for claim, having, without in CLAIMS:
-    lines.append(f"- {claim}: {_verdict(runs, having, without)}.")
+  for claim, having, without, caveat in CLAIMS:
+    lines.append(f"- {claim}: {_verdict(runs, having, without)}"
+                 + (f"; {caveat}." if caveat else "."))
   table = []
   for row in ROWS:
     if row not in runs:
