@@ -168,7 +168,7 @@ def pair_accuracy(predictions_csv: str,
   out = {}
   for first, second in pairs:
     hits = [label == pred for _, label, pred, *_ in rows if label in (first, second)]
-    out[f"{first}/{second}"] = float(np.mean(hits))
+    out[f"{first}/{second}"] = float(np.mean(hits)) if hits else float("nan")
   return out
 
 
