@@ -155,9 +155,14 @@ def commands(row: str, seed: int, workdir: str, data_dir: str,
   return [["python", script] + flags_ for script in ("train.py", "eval.py")]
 
 
+def on_real_videos(row: str) -> bool:
+  """Whether a row trains on the folder of benchmarks/real_videos.py."""
+  return ROWS[row][1][:len(REAL_VIDEOS)] == REAL_VIDEOS
+
+
 def pairs_of(row: str) -> Sequence[Sequence[str]]:
   """The reversed pairs of classes of the dataset a row trains on."""
-  return real_videos.PAIRS if ROWS[row][1][:1] == REAL_VIDEOS[:1] else synthetic_motion.PAIRS
+  return real_videos.PAIRS if on_real_videos(row) else synthetic_motion.PAIRS
 
 
 def pair_accuracy(predictions_csv: str,
@@ -176,7 +181,7 @@ def run_one(row: str, seed: int) -> Dict:
   """Trains and evaluates one row with one seed; returns the cached record."""
   workdir = os.path.join(_WORKDIR_ROOT.value, f"{row}_seed{seed}")
   cmds = commands(row, seed, workdir, _DATA_DIR.value, _REAL_VIDEOS_DIR.value)
-  if ROWS[row][1][:1] == REAL_VIDEOS[:1]:
+  if on_real_videos(row):
     real_videos.make_folder(_REAL_VIDEOS_DIR.value)
   shutil.rmtree(workdir, ignore_errors=True)  # train.py would resume from it
   seconds = []
@@ -243,18 +248,21 @@ def _config_cell(row: str) -> str:
   return " ".join([f"`{config}`"] + [f"`{o}`" for o in overrides])
 
 
+def _row_start(row: str, rs: Sequence[Dict]) -> str:
+  """A table line's cells up to the top-1 range: name, what, config, mean, min-max."""
+  top1 = [r["top1"] for r in rs]
+  return (f"| `{row}` | {ROWS[row][2]} | {_config_cell(row)} | "
+          f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | ")
+
+
 def render_summary(runs: Dict[str, List[Dict]]) -> str:
   """The README's table: top-1 of the :data:`README_ROWS` that have runs."""
   lines = ["| row | what | config, overrides | val top-1 mean | min-max | seeds |",
            "| --- " * 6 + "|"]
   for row in README_ROWS:
     if row in runs:
-      top1 = [r["top1"] for r in sorted(runs[row], key=lambda r: r["seed"])]
-      lines.append(f"| `{row}` | {ROWS[row][2]} | {_config_cell(row)} | "
-                   f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | "
-                   + ", ".join(str(r["seed"]) for r in sorted(runs[row],
-                                                             key=lambda r: r["seed"]))
-                   + " |")
+      rs = sorted(runs[row], key=lambda r: r["seed"])
+      lines.append(_row_start(row, rs) + ", ".join(str(r["seed"]) for r in rs) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -302,11 +310,9 @@ def render(runs: Dict[str, List[Dict]]) -> str:
     if row not in runs:
       continue
     rs = sorted(runs[row], key=lambda r: r["seed"])
-    top1 = [r["top1"] for r in rs]
     pairs = np.mean([list(r["per_pair"].values()) for r in rs], axis=0)
     table.append(
-        f"| `{row}` | {ROWS[row][2]} | {_config_cell(row)} | "
-        f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | "
+        _row_start(row, rs)
         + " | ".join(f"{p:.2f}" for p in pairs)
         + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} s | "
         + ", ".join(str(r["seed"]) for r in rs) + " |")
