@@ -12,6 +12,7 @@ import gradient_checks
 
 from gta_jax import config_lib
 from gta_jax.models import attention
+from gta_jax.models import backend
 from gta_jax.models import gta
 from gta_jax.models import registry
 
@@ -70,7 +71,16 @@ def reference_temporal(tokens, p, sw, xp):
 
 DEFAULTS = dict(temporal_attention="global", granularity="both", temporal_input="s+v",
                 global_norm="softmax-identity", region_norm=False, num_heads=2,
-                cross_channel=True)  # the block's defaults
+                cross_channel=True, pool_keys=False)  # the block's defaults
+
+
+def pool_2x2(a, xp):
+  """`(B, T, H, W, C)` -> `(B, T, (H // 2) * (W // 2), C)`: the maximum of each
+  2x2 window; an odd last row or column is dropped."""
+  b, t, h, w, c = a.shape
+  a = a[:, :, :h // 2 * 2, :w // 2 * 2]
+  a = a.reshape(b, t, h // 2, 2, w // 2, 2, c).max(axis=(3, 5))
+  return a.reshape(b, t, -1, c)
 
 
 def reference_gta(x, variables, train=False, xp=np, **switches):
@@ -92,8 +102,11 @@ def reference_gta(x, variables, train=False, xp=np, **switches):
   q = pixels @ p["theta"]["kernel"] + p["theta"]["bias"]
   k = pixels @ p["phi"]["kernel"]
   v = pixels @ p["g"]["kernel"] + p["g"]["bias"]
-  attn = softmax(xp.einsum("btpc,btqc->btpq", q, k) / np.sqrt(inner), -1, xp)
-  u = xp.einsum("btpq,btqc->btpc", attn, v)
+  keys, values = k, v
+  if sw["pool_keys"]:  # the max of each whole 2x2 window of space
+    keys, values = (pool_2x2(a.reshape(b, t, h, w, inner), xp) for a in (k, v))
+  attn = softmax(xp.einsum("btpc,btqc->btpq", q, keys) / np.sqrt(inner), -1, xp)
+  u = xp.einsum("btpq,btqc->btpc", attn, values)
   if sw["temporal_input"] == "s+v":
     u = u + v
   elif sw["temporal_input"] == "x+s":
@@ -130,7 +143,7 @@ CASES = [dict(temporal_attention=m, granularity=g, cross_channel=cc)
 # Each new switch on, with both branches and the global matrix.
 SWITCHES = [dict(temporal_input="s"), dict(temporal_input="x+s"),
             dict(global_norm="softmax"), dict(global_norm="signed"),
-            dict(region_norm=True),
+            dict(region_norm=True), dict(pool_keys=True),
             dict(temporal_attention="global+instance", global_norm="softmax",
                  temporal_input="s", region_norm=True, cross_channel=False)]
 case_id = lambda sw: "-".join(f"{k}={v}" for k, v in sw.items())
@@ -202,6 +215,16 @@ def test_reduction_heads_and_regions_match_reference():
   np.testing.assert_allclose(block.apply(variables, x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_pooled_keys_on_an_odd_frame_match_reference():
+  """5x5 frames: the keys are the 2x2 maxima of the top-left 4x4, every query kept."""
+  block, x, variables = random_block(shape=(2, 4, 5, 5, 16), seed=8, pool_keys=True)
+  want = reference_gta(x, variables, pool_keys=True)
+  for cpu_kernels in (True, False):  # the XLA:CPU pooling kernel and flax's
+    with backend.options(cpu_kernels=cpu_kernels):
+      got = block.apply(variables, x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
 def test_reduction_must_divide_channels():
   block = gta.GlobalTemporalAttention(reduction=3)
   with pytest.raises(ValueError, match="reduction 3 does not divide the 16 channels"):
@@ -240,7 +263,8 @@ def assert_gradients_match(block, x, variables, switches, train=False):
 # Every branch and every switch value in a few compiled cases.
 GRADIENT_CASES = [
     dict(temporal_attention="instance", granularity="pixel", cross_channel=False),
-    dict(temporal_input="x+s", global_norm="signed", granularity="region"),
+    dict(temporal_input="x+s", global_norm="signed", granularity="region",
+         pool_keys=True),
     SWITCHES[-1],  # global+instance, softmax, s, region_norm, grouped heads
 ]
 
@@ -450,6 +474,7 @@ def test_gate_init_is_the_initial_bn_scale(gate_init):
     ("granularity", "frame", "config.model.gta.granularity"),
     ("num_regions", 0, "config.model.gta.num_regions"),
     ("global_init_std", -0.1, "config.model.gta.global_init_std"),
+    ("pool_keys", "yes", "config.model.gta.pool_keys"),
 ])
 def test_bad_config_is_refused(key, value, match):
   config = tiny_config("gta")

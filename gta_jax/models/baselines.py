@@ -25,6 +25,7 @@ import ml_collections
 
 from gta_jax.models import attention
 from gta_jax.models import hooks
+from gta_jax.models import resnet
 
 NONLOCAL_KINDS = ("3d", "2d", "1d", "2d+1d")
 
@@ -53,7 +54,8 @@ class TemporalShift(nn.Module):
 
 
 def embedded_gaussian(x: jax.Array, inner: int, *, kind: str, scaled: bool,
-                      dtype: Any) -> Tuple[jax.Array, jax.Array]:
+                      dtype: Any, pool_keys: bool = False
+                      ) -> Tuple[jax.Array, jax.Array]:
   """Embedded-Gaussian attention `softmax(theta(x) phi(x)^T) g(x)` on `(B, T, H, W, C)`.
 
   Called inside a module's compact method, it creates that module's 1x1 convs
@@ -67,24 +69,32 @@ def embedded_gaussian(x: jax.Array, inner: int, *, kind: str, scaled: bool,
       frame) or `1d` (a pixel's frames).
     scaled: divide the logits by `sqrt(inner)`.
     dtype: compute dtype; parameters are float32.
+    pool_keys: max-pool `phi(x)` and `g(x)` over 2x2 windows of space before the
+      attention (the Non-local paper's sub-sampling): 4x fewer keys, every query
+      kept. An odd H or W drops its last row or column of keys, as PyTorch's
+      `MaxPool2d(2)` in the Non-local reference does. For `2d` and `3d`.
 
   Returns:
-    The attention's output and the value `g(x)`, both `(B, T, H, W, inner)`.
+    The attention's output and the value `g(x)` (never pooled), both
+    `(B, T, H, W, inner)`.
   """
   b, t, h, w, _ = x.shape
   dense = functools.partial(nn.Dense, inner, dtype=dtype, param_dtype=jnp.float32)
   theta, g = dense(name="theta")(x), dense(name="g")(x)
   phi = dense(use_bias=False, name="phi")(x)
+  keys, values = phi, g
+  if pool_keys:
+    keys, values = (resnet.max_pool(y, size=2, stride=2, pad=0) for y in (phi, g))
   if kind == "3d":
-    to_tokens = lambda y: y.reshape(b, t * h * w, inner)
+    to_tokens = lambda y: y.reshape(b, -1, inner)
   elif kind == "2d":
-    to_tokens = lambda y: y.reshape(b * t, h * w, inner)
+    to_tokens = lambda y: y.reshape(b * t, -1, inner)
   elif kind == "1d":
     to_tokens = lambda y: y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, inner)
   else:
     raise ValueError(f"NonLocal kind must be one of {NONLOCAL_KINDS[:3]}, "
                      f"got {kind!r}")
-  y = attention.attend(to_tokens(theta), to_tokens(phi), to_tokens(g),
+  y = attention.attend(to_tokens(theta), to_tokens(keys), to_tokens(values),
                        scale=None if scaled else 1.0)
   if kind == "1d":
     y = y.reshape(b, h, w, t, inner).transpose(0, 3, 1, 2, 4)

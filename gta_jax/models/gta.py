@@ -199,6 +199,9 @@ class GlobalTemporalAttention(nn.Module):
     num_regions: `K`, the learned soft regions of the region branch.
     reduction: `C' = C // reduction` channels in the attention; must divide `C`.
     cross_channel: each head projects all `C'` channels (else its own slice).
+    pool_keys: the spatial step attends to 2x2 max-pooled keys and values (the
+      Non-local paper's sub-sampling, :func:`baselines.embedded_gaussian`): a
+      quarter of its cost; the value added by `s+v` keeps full resolution.
     dtype: compute dtype; parameters are float32, softmaxes run in float32.
   """
   temporal_attention: str = "global"
@@ -213,6 +216,7 @@ class GlobalTemporalAttention(nn.Module):
   num_regions: int = 8
   reduction: int = 2
   cross_channel: bool = True
+  pool_keys: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -230,7 +234,7 @@ class GlobalTemporalAttention(nn.Module):
 
     # 1. Spatial attention within each frame; 2. the temporal step's input.
     s, v = baselines.embedded_gaussian(x, inner, kind="2d", scaled=True,
-                                       dtype=self.dtype)
+                                       dtype=self.dtype, pool_keys=self.pool_keys)
     if self.temporal_input == "s+v":
       s += v
     elif self.temporal_input == "x+s":
@@ -286,7 +290,7 @@ def _gta_config() -> ml_collections.ConfigDict:
       placement="res3:0,2;res4:0,2,4", temporal_attention="global",
       granularity="both", temporal_input="s+v", global_norm="softmax-identity",
       global_init="random", global_init_std=0.02, gate_init=0.0, region_norm=False,
-      num_heads=8, num_regions=8, reduction=2, cross_channel=True))
+      num_heads=8, num_regions=8, reduction=2, cross_channel=True, pool_keys=False))
 
 
 def _build_gta(cfg: ml_collections.ConfigDict, dtype: Any):
@@ -313,7 +317,7 @@ def _build_gta(cfg: ml_collections.ConfigDict, dtype: Any):
   if cfg.global_init_std < 0:
     raise ValueError("config.model.gta.global_init_std must be a number >= 0, got "
                      f"{cfg.global_init_std!r}")
-  for key in ("cross_channel", "region_norm"):
+  for key in ("cross_channel", "region_norm", "pool_keys"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.gta.{key} must be True or False, got "
                        f"{cfg[key]!r}")
@@ -324,7 +328,7 @@ def _build_gta(cfg: ml_collections.ConfigDict, dtype: Any):
       global_init_std=float(cfg.global_init_std), gate_init=float(cfg.gate_init),
       region_norm=cfg.region_norm, num_heads=cfg.num_heads,
       num_regions=cfg.num_regions, reduction=cfg.reduction,
-      cross_channel=cfg.cross_channel, dtype=dtype)
+      cross_channel=cfg.cross_channel, pool_keys=cfg.pool_keys, dtype=dtype)
 
 
 GTA_SPEC = hooks.TemporalModuleSpec(
