@@ -11,11 +11,17 @@ cached as a small JSON in `benchmarks/ablation_runs/<row>_seed<N>.json`: the con
 overrides, seed, both commands, val top-1 / top-5, the accuracy on each reversed pair
 of classes and the train and eval wall times (and a `note` where a run needs one). A cached run is skipped (`--force`
 re-runs it); a cache whose overrides differ from the row's definition is stale,
-re-run and left out of the table. The table in `docs/ablations.md` is regenerated
+re-run and left out of the table, and so is one whose recorded config (`recipe`, the
+flattened config less the seed and data directory) has a different value for a key the
+row's config still has: a change of recipe in `configs/` or `gta_jax/config_lib.py`
+retires the runs it invalidates (keys added later, with values that keep the old
+behaviour, do not). The table in `docs/ablations.md` is regenerated
 from every cached run after each run, with the verdict on each claim of the GTA
 abstract computed from the numbers (:data:`CLAIMS`).
 """
 
+import ast
+import importlib.util
 import json
 import os
 import shlex
@@ -23,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 from absl import app
 from absl import flags
@@ -82,6 +88,13 @@ ROWS = {
                        "GTA with C/4 channels inside the block (C/2 by default)"),
     "gta_res4_res5": ("synthetic_gta", ("model.gta.placement=res4:0;res5:0",),
                       "GTA after res4 and res5 block 0 (the previous placement)"),
+    "gta_pool_keys": ("synthetic_gta", ("model.gta.pool_keys=True",),
+                      "GTA, spatial step on 2x2 max-pooled keys (Non-local's sub-sampling)"),
+    "gta_res3": ("synthetic_gta", ("model.gta.placement=res3:0",),
+                 "GTA after res3 block 0 only"),
+    "gta_res3_pool_keys": ("synthetic_gta", ("model.gta.placement=res3:0",
+                                             "model.gta.pool_keys=True"),
+                           "GTA after res3 block 0 only, on 2x2 max-pooled keys"),
     "ssa_gate0": ("synthetic_ssa", ("model.ssa.gate_init=0.0",),
                   "SSA, output BN scale starting at 0"),
     "ssa_separate_value": ("synthetic_ssa", ("model.ssa.shared_value=False",),
@@ -155,6 +168,66 @@ def commands(row: str, seed: int, workdir: str, data_dir: str,
   return [["python", script] + flags_ for script in ("train.py", "eval.py")]
 
 
+# Keys each run sets for itself, left out of its recorded recipe.
+RUN_KEYS = ("seed", "data.data_dir")
+
+
+def _parse_override(value: str, current: Any) -> Any:
+  """An override's text as the type of the value it replaces (as `--config.` does)."""
+  if isinstance(current, bool):
+    if value not in ("True", "False"):
+      raise ValueError(f"expected True or False, got {value!r}")
+    return value == "True"
+  if isinstance(current, (int, float)):
+    return type(current)(value)
+  if isinstance(current, str):
+    return value
+  return ast.literal_eval(value)
+
+
+def recipe(row: str) -> Dict[str, Any]:
+  """The flattened config a row trains with, less :data:`RUN_KEYS`, as JSON values."""
+  config_name, overrides, _ = ROWS[row]
+  spec = importlib.util.spec_from_file_location(
+      f"config_{config_name}", os.path.join(REPO, "configs", f"{config_name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for override in overrides:
+    key, _, value = override.partition("=")
+    current = config
+    for part in key.split("."):
+      current = current[part]
+    config.update_from_flattened_dict({key: _parse_override(value, current)})
+  flat = {}
+
+  def walk(prefix: str, node: Dict[str, Any]) -> None:
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f"{prefix}{key}.", value)
+      elif f"{prefix}{key}" not in RUN_KEYS:
+        flat[f"{prefix}{key}"] = value
+  walk("", config.to_dict())
+  return json.loads(json.dumps(flat))
+
+
+def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:
+  """The keys whose value in the run's recorded recipe differs from `current`'s;
+  keys only one of them has are not compared (a new key keeps the old behaviour)."""
+  return sorted(k for k, v in run["recipe"].items() if k in current and current[k] != v)
+
+
+def is_current(run: Dict, recipes: Dict[str, Dict[str, Any]]) -> bool:
+  """Whether a cached run still stands for its row: the same overrides and no
+  changed key of the recipe (`recipes` caches :func:`recipe` by row)."""
+  row = run["row"]
+  if row not in ROWS or run["overrides"] != list(ROWS[row][1]):
+    return False
+  if row not in recipes:
+    recipes[row] = recipe(row)
+  return not changed_keys(run, recipes[row])
+
+
 def on_real_videos(row: str) -> bool:
   """Whether a row trains on the folder of benchmarks/real_videos.py."""
   return ROWS[row][1][:len(REAL_VIDEOS)] == REAL_VIDEOS
@@ -210,16 +283,16 @@ def run_one(row: str, seed: int) -> Dict:
           os.path.join(eval_dir, summaries[-1][:-5] + "_predictions.csv"),
           pairs_of(row)),
       train_seconds=round(seconds[0], 1), eval_seconds=round(seconds[1], 1),
-      date=time.strftime("%Y-%m-%d %H:%M"))
+      date=time.strftime("%Y-%m-%d %H:%M"), recipe=recipe(row))
 
 
 def load_runs(runs_dir: str) -> Dict[str, List[Dict]]:
-  """The cached runs whose overrides still match their row, by row."""
-  runs = {}
+  """The cached runs that are still current (:func:`is_current`), by row."""
+  runs, recipes = {}, {}
   for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else ():
     with open(os.path.join(runs_dir, name)) as f:
       run = json.load(f)
-    if run["row"] in ROWS and run["overrides"] == list(ROWS[run["row"]][1]):
+    if is_current(run, recipes):
       runs.setdefault(run["row"], []).append(run)
   return runs
 
@@ -353,12 +426,13 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
   os.makedirs(_RUNS_DIR.value, exist_ok=True)
+  recipes = {}
   for row in _ROWS.value:
     for seed in map(int, _SEEDS.value):
       path = os.path.join(_RUNS_DIR.value, f"{row}_seed{seed}.json")
       if os.path.exists(path) and not _FORCE.value:
         with open(path) as f:
-          if json.load(f)["overrides"] == list(ROWS[row][1]):
+          if is_current(json.load(f), recipes):
             continue
       print(f"running {row} seed {seed}", flush=True)
       record = run_one(row, seed)

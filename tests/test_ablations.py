@@ -88,7 +88,8 @@ def test_pair_accuracy_counts_each_pair_of_classes(tmp_path):
 def _run(row, seed, top1):
   return dict(row=row, seed=seed, top1=top1, overrides=list(ablations.ROWS[row][1]),
               per_pair={str(i): top1 for i in range(5)}, train_seconds=1.0,
-              commands=["python train.py", "python eval.py"], date="today")
+              commands=["python train.py", "python eval.py"], date="today",
+              recipe=ablations.recipe(row))
 
 
 @pytest.mark.parametrize("having, without, word", [
@@ -113,6 +114,31 @@ def test_stale_runs_are_left_out_of_the_table(tmp_path):
   doc = ablations.render(runs)
   assert "| `gta_pixel` |" in doc and "| `gta_region` |" not in doc
   assert "**0.900**" in doc
+
+
+def test_recipe_applies_the_overrides_with_their_types():
+  gta, instance = ablations.recipe("gta"), ablations.recipe("gta_instance")
+  assert gta["model.temporal_modules"] == "gta"
+  assert instance["model.gta.temporal_attention"] == "instance"
+  assert {k for k in gta if gta[k] != instance[k]} == {"model.gta.temporal_attention"}
+  assert "seed" not in gta and "data.data_dir" not in gta
+  assert ablations.recipe("gta_res4_res5")["model.gta.placement"] == "res4:0;res5:0"
+  assert ablations.recipe("gta_gate0")["model.gta.gate_init"] == 0.0
+  assert ablations.recipe("gta_region_norm")["model.gta.region_norm"] is True
+  assert ablations.recipe("ssa_one_head")["model.ssa.temporal_heads"] == 1
+
+
+def test_runs_of_an_older_recipe_are_stale(tmp_path):
+  """A changed value retires a run; a key the run's recipe lacks does not."""
+  older, newer_key, current = (_run("gta", s, 0.5 + 0.1 * s) for s in range(3))
+  older["recipe"]["model.gta.cross_channel"] = True  # the recipe before grouped heads
+  del newer_key["recipe"]["model.gta.pool_keys"]  # a run older than the key
+  for run in (older, newer_key, current):
+    (tmp_path / f"gta_seed{run['seed']}.json").write_text(json.dumps(run))
+  assert ablations.changed_keys(older, ablations.recipe("gta")) == [
+      "model.gta.cross_channel"]
+  runs = ablations.load_runs(str(tmp_path))
+  assert sorted(r["seed"] for r in runs["gta"]) == [1, 2]
 
 
 def test_readme_block_is_replaced_and_the_rest_kept():
