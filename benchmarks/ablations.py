@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Sequence
 
 from absl import app
 from absl import flags
+import flax
 import numpy as np
 import real_videos
 
@@ -199,16 +200,8 @@ def recipe(row: str) -> Dict[str, Any]:
     for part in key.split("."):
       current = current[part]
     config.update_from_flattened_dict({key: _parse_override(value, current)})
-  flat = {}
-
-  def walk(prefix: str, node: Dict[str, Any]) -> None:
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(f"{prefix}{key}.", value)
-      elif f"{prefix}{key}" not in RUN_KEYS:
-        flat[f"{prefix}{key}"] = value
-  walk("", config.to_dict())
-  return json.loads(json.dumps(flat))
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return json.loads(json.dumps({k: v for k, v in flat.items() if k not in RUN_KEYS}))
 
 
 def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:
