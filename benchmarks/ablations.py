@@ -15,7 +15,7 @@ re-run and left out of the table, and so is one whose recorded config (`recipe`,
 flattened config less the seed and data directory) has a different value for a key the
 row's config still has: a change of recipe in `configs/` or `gta_jax/config_lib.py`
 retires the runs it invalidates (keys added later, with values that keep the old
-behaviour, do not). The table in `docs/ablations.md` is regenerated
+behaviour, do not, nor do the settings of temporal modules a row does not use). The table in `docs/ablations.md` is regenerated
 from every cached run after each run, with the verdict on each claim of the GTA
 abstract computed from the numbers (:data:`CLAIMS`).
 """
@@ -38,16 +38,20 @@ import numpy as np
 import real_videos
 
 from gta_jax.data.builders import synthetic_motion
+from gta_jax.models import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The overrides of a row trained on the folder of benchmarks/real_videos.py; the
 # placeholder becomes --real_videos_dir.
 REAL_VIDEOS = ("data.dataset=video_folder", "data.manual_dir={real_videos}")
+# GTA's placement in the synthetic recipe until 2026-12-01.
+RES3_RES4 = "model.gta.placement=res3:0;res4:0"
 
 # name: (config file, overrides, what the row changes). The GTA rows change one
 # switch of configs/synthetic_gta.py each.
 ROWS = {
-    "gta": ("synthetic_gta", (), "GTA alone, the default recipe (grouped heads)"),
+    "gta": ("synthetic_gta", (),
+            "GTA alone, the default recipe (after res4, grouped heads)"),
     "tsn": ("synthetic_tsn", (), "TSN, no temporal module"),
     "tsm": ("synthetic_tsm", (), "TSM shift in every block"),
     "ssa": ("synthetic_ssa", (), "SSA alone, the default recipe (8 temporal heads)"),
@@ -61,8 +65,8 @@ ROWS = {
                    "GTA, region branch only"),
     "gta_cross_channel": ("synthetic_gta", ("model.gta.cross_channel=True",),
                           "GTA, the paper's cross-channel heads"),
-    "nl3d": ("synthetic_nl", ("model.nl.kind=3d", "model.nl.placement=res3:0;res4:0"),
-             "joint space-time (3D) Non-local at GTA's places"),
+    "nl3d": ("synthetic_nl", ("model.nl.kind=3d", "model.nl.placement=res4:0"),
+             "joint space-time (3D) Non-local at GTA's place"),
     "tsm_gta": ("synthetic_tsm_gta", (), "GTA on a TSM backbone"),
     "real_gta": ("synthetic_gta", REAL_VIDEOS,
                  "GTA alone on real H.264 files (`benchmarks/real_videos.py`)"),
@@ -88,7 +92,7 @@ ROWS = {
     "gta_reduction4": ("synthetic_gta", ("model.gta.reduction=4",),
                        "GTA with C/4 channels inside the block (C/2 by default)"),
     "gta_res4_res5": ("synthetic_gta", ("model.gta.placement=res4:0;res5:0",),
-                      "GTA after res4 and res5 block 0 (the previous placement)"),
+                      "GTA after res4 and res5 block 0"),
     "gta_pool_keys": ("synthetic_gta", ("model.gta.pool_keys=True",),
                       "GTA, spatial step on 2x2 max-pooled keys (Non-local's sub-sampling)"),
     "gta_res3": ("synthetic_gta", ("model.gta.placement=res3:0",),
@@ -102,23 +106,34 @@ ROWS = {
                            "SSA, the temporal conv also gives the value (no SVE)"),
     "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
                     "SSA, 1x1x1 temporal conv (blind to order)"),
-    # Runs of the recipes before grouped GTA heads and 8 SSA heads.
+    # Runs of earlier recipes. Before grouped GTA heads and 8 SSA heads:
     "xc_gta_instance": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                          "model.gta.temporal_attention=instance"),
-                        "cross-channel GTA, q.k attention instead of the global matrix"),
+                                          "model.gta.temporal_attention=instance",
+                                          RES3_RES4),
+                        "cross-channel GTA after res3 and res4, q.k attention instead "
+                        "of the global matrix"),
     "xc_gta_pixel": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                       "model.gta.granularity=pixel"),
-                     "cross-channel GTA, pixel branch only"),
+                                       "model.gta.granularity=pixel", RES3_RES4),
+                     "cross-channel GTA after res3 and res4, pixel branch only"),
     "xc_gta_region": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                        "model.gta.granularity=region"),
-                      "cross-channel GTA, region branch only"),
+                                        "model.gta.granularity=region", RES3_RES4),
+                      "cross-channel GTA after res3 and res4, region branch only"),
     "xc_gta_softmax": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                         "model.gta.global_norm=softmax"),
-                       "cross-channel GTA, A = row softmax of G"),
+                                         "model.gta.global_norm=softmax", RES3_RES4),
+                       "cross-channel GTA after res3 and res4, A = row softmax of G"),
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),
                             "one-head SSA, the temporal conv also gives the value"),
 }
+# Before GTA moved to res4 alone: these rows with GTA after res3 and res4 block 0.
+ROWS.update({
+    f"r34_{row}": (ROWS[row][0], ROWS[row][1] + (RES3_RES4,),
+                   f"as `{row}`, with GTA after res3 and res4 block 0")
+    for row in ("gta", "gta_instance", "gta_pixel", "gta_region", "gta_cross_channel",
+                "real_gta", "tsm_gta", "gta_reduction4", "gta_pool_keys")})
+ROWS["r34_nl3d"] = ("synthetic_nl", ("model.nl.kind=3d",
+                                     "model.nl.placement=res3:0;res4:0"),
+                    "joint space-time (3D) Non-local after res3 and res4")
 
 # The abstract's claims: (claim, row that has it, rows without it, caveat).
 CLAIMS = (
@@ -187,7 +202,8 @@ def _parse_override(value: str, current: Any) -> Any:
 
 
 def recipe(row: str) -> Dict[str, Any]:
-  """The flattened config a row trains with, less :data:`RUN_KEYS`, as JSON values."""
+  """The flattened config a row trains with, as JSON values, less :data:`RUN_KEYS`
+  and the sections of temporal modules it does not use (`model.gta.*` of TSN)."""
   config_name, overrides, _ = ROWS[row]
   spec = importlib.util.spec_from_file_location(
       f"config_{config_name}", os.path.join(REPO, "configs", f"{config_name}.py"))
@@ -201,7 +217,11 @@ def recipe(row: str) -> Dict[str, Any]:
       current = current[part]
     config.update_from_flattened_dict({key: _parse_override(value, current)})
   flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-  return json.loads(json.dumps({k: v for k, v in flat.items() if k not in RUN_KEYS}))
+  used = registry.temporal_module_names(config.model)
+  unused = tuple(f"model.{name}." for name in registry.TEMPORAL_MODULES
+                 if name not in used)
+  return json.loads(json.dumps({k: v for k, v in flat.items()
+                                if k not in RUN_KEYS and not k.startswith(unused)}))
 
 
 def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:

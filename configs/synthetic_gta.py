@@ -1,6 +1,6 @@
 """synthetic_gta: GTA alone in the tiny synthetic ResNet (README's main job).
 
-GTA blocks after res3 and res4 block 0, no other temporal module; the recipe and
+A GTA block after res4 block 0, no other temporal module; the recipe and
 GTA's settings for it are in `gta_jax.config_lib.synthetic_config`.
 `configs/synthetic_tsm_gta.py` adds TSM's shifts.
 """

@@ -122,6 +122,10 @@ def test_recipe_applies_the_overrides_with_their_types():
   assert instance["model.gta.temporal_attention"] == "instance"
   assert {k for k in gta if gta[k] != instance[k]} == {"model.gta.temporal_attention"}
   assert "seed" not in gta and "data.data_dir" not in gta
+  tsn, nl3d = ablations.recipe("tsn"), ablations.recipe("nl3d")
+  assert not any(k.startswith("model.gta.") for k in tsn)  # a module it does not use
+  assert not any(k.startswith("model.gta.") for k in nl3d)
+  assert nl3d["model.nl.kind"] == "3d"
   assert ablations.recipe("gta_res4_res5")["model.gta.placement"] == "res4:0;res5:0"
   assert ablations.recipe("gta_gate0")["model.gta.gate_init"] == 0.0
   assert ablations.recipe("gta_region_norm")["model.gta.region_norm"] is True
