@@ -9,15 +9,16 @@ with the README's commands (`train.py` then `eval.py`, 600 steps of the syntheti
 recipe), one run at a time, once per seed (`--config.seed`). Every finished run is
 cached as a small JSON in `benchmarks/ablation_runs/<row>_seed<N>.json`: the config,
 overrides, seed, both commands, val top-1 / top-5, the accuracy on each reversed pair
-of classes and the train and eval wall times (and a `note` where a run needs one). A cached run is skipped (`--force`
-re-runs it); a cache whose overrides differ from the row's definition is stale,
-re-run and left out of the table, and so is one whose recorded config (`recipe`, the
-flattened config less the seed and data directory) has a different value for a key the
-row's config still has: a change of recipe in `configs/` or `gta_jax/config_lib.py`
-retires the runs it invalidates (keys added later, with values that keep the old
-behaviour, do not, nor do the settings of temporal modules a row does not use). The table in `docs/ablations.md` is regenerated
-from every cached run after each run, with the verdict on each claim of the GTA
-abstract computed from the numbers (:data:`CLAIMS`).
+of classes, the train and eval wall times, the resolved config (`recipe`: flattened,
+less the seed and data directory) and a `note` where a run needs one. A cached run is
+skipped (`--force` re-runs it) unless it is stale: its overrides differ from the
+row's definition, or its recipe has another value for a key that the row's config
+still has. So a change of recipe in `configs/` or `gta_jax/config_lib.py` retires the
+runs it invalidates, while a key added later with a value that keeps the old
+behaviour does not, nor do the settings of a temporal module that the row does not
+use. Stale runs are re-run and left out of the table. The table in
+`docs/ablations.md` is regenerated from every cached run after each run, with the
+verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAIMS`).
 """
 
 import ast
