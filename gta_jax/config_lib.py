@@ -171,9 +171,9 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.gta.placement = "res4:0"
   c.model.gta.gate_init = 1.0
   # Grouped heads (each head projects its own slice of channels) instead of the
-  # paper's cross-channel heads: 0.956/0.964 against 0.880/0.868 val top-1 (seeds
-  # 0, 1; docs/ablations.md, `gta_cross_channel`), for a step about 20% slower on
-  # XLA:CPU (docs/gta.md, "Placement").
+  # paper's cross-channel heads: 0.944/0.972 against 0.892/0.952 val top-1 (seeds
+  # 0, 1; docs/ablations.md, rows `gta` and `gta_cross_channel`; after res3 and res4
+  # 0.956/0.964 against 0.880/0.868).
   c.model.gta.cross_channel = False
   # G starts far from uniform and learns 20x faster: with std 0.02 and AdamW's
   # ~lr-sized steps, G stayed a uniform temporal average for hundreds of steps.
