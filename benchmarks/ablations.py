@@ -22,7 +22,6 @@ verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAI
 """
 
 import ast
-import importlib.util
 import json
 import os
 import shlex
@@ -38,6 +37,7 @@ import flax
 import numpy as np
 import real_videos
 
+from gta_jax import config_lib
 from gta_jax.data.builders import synthetic_motion
 from gta_jax.models import registry
 
@@ -107,25 +107,18 @@ ROWS = {
                            "SSA, the temporal conv also gives the value (no SVE)"),
     "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
                     "SSA, 1x1x1 temporal conv (blind to order)"),
-    # Runs of earlier recipes. Before grouped GTA heads and 8 SSA heads:
-    "xc_gta_instance": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                          "model.gta.temporal_attention=instance",
-                                          RES3_RES4),
-                        "cross-channel GTA after res3 and res4, q.k attention instead "
-                        "of the global matrix"),
-    "xc_gta_pixel": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                       "model.gta.granularity=pixel", RES3_RES4),
-                     "cross-channel GTA after res3 and res4, pixel branch only"),
-    "xc_gta_region": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                        "model.gta.granularity=region", RES3_RES4),
-                      "cross-channel GTA after res3 and res4, region branch only"),
-    "xc_gta_softmax": ("synthetic_gta", ("model.gta.cross_channel=True",
-                                         "model.gta.global_norm=softmax", RES3_RES4),
-                       "cross-channel GTA after res3 and res4, A = row softmax of G"),
+    # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),
                             "one-head SSA, the temporal conv also gives the value"),
 }
+# Before grouped GTA heads (and GTA after res4 alone): these rows with cross-channel
+# heads after res3 and res4 block 0.
+ROWS.update({
+    f"xc_{row}": (ROWS[row][0], ("model.gta.cross_channel=True",) + ROWS[row][1]
+                  + (RES3_RES4,),
+                  f"as `{row}`, with cross-channel heads after res3 and res4 block 0")
+    for row in ("gta_instance", "gta_pixel", "gta_region", "gta_softmax")})
 # Before GTA moved to res4 alone: these rows with GTA after res3 and res4 block 0.
 ROWS.update({
     f"r34_{row}": (ROWS[row][0], ROWS[row][1] + (RES3_RES4,),
@@ -206,11 +199,7 @@ def recipe(row: str) -> Dict[str, Any]:
   """The flattened config a row trains with, as JSON values, less :data:`RUN_KEYS`
   and the sections of temporal modules it does not use (`model.gta.*` of TSN)."""
   config_name, overrides, _ = ROWS[row]
-  spec = importlib.util.spec_from_file_location(
-      f"config_{config_name}", os.path.join(REPO, "configs", f"{config_name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.from_file(os.path.join(REPO, "configs", f"{config_name}.py"))
   for override in overrides:
     key, _, value = override.partition("=")
     current = config

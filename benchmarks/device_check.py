@@ -27,7 +27,6 @@ Prints a line per measurement and, last, one JSON line with everything.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gta_jax import config_lib
 from gta_jax.models import attention
 from gta_jax.models import backend
 from gta_jax.training import state as state_lib
@@ -151,11 +151,7 @@ def attention_timings(platform, smoke, steps):
 
 
 def load_config(name, smoke):
-  path = os.path.join(REPO, "configs", f"ssv2_{name}_r50_8f.py")
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.from_file(os.path.join(REPO, "configs", f"ssv2_{name}_r50_8f.py"))
   config.model.dtype = "bfloat16"
   config.data.num_frames, config.data.crop_size = (4, 32) if smoke else (8, 224)
   if smoke:

@@ -16,7 +16,6 @@ JSON.
 """
 
 import ast
-import importlib.util
 import json
 import os
 import statistics
@@ -28,6 +27,7 @@ import jax
 
 import bench  # pylint: disable=g-bad-import-order  (benchmarks/ is the script's dir)
 from gta_jax import cli
+from gta_jax import config_lib
 
 _CONFIGS = flags.DEFINE_list(
     "configs", ["tsn", "gta", "ssa"],
@@ -44,11 +44,7 @@ def load_config(entry: str):
   """`get_config()` of the `--pattern` file of `name:key=value:...`, at `--crop`,
   with the keys set (values are Python literals)."""
   name, *overrides = entry.split(":")
-  path = os.path.join(REPO, _PATTERN.value.format(name))
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.from_file(os.path.join(REPO, _PATTERN.value.format(name)))
   config.data.crop_size = _CROP.value
   for override in overrides:
     key, _, value = override.partition("=")
