@@ -112,19 +112,26 @@ ROWS = {
                                               "model.ssa.shared_value=False"),
                             "one-head SSA, the temporal conv also gives the value"),
 }
-# Before grouped GTA heads (and GTA after res4 alone): these rows with cross-channel
-# heads after res3 and res4 block 0.
-ROWS.update({
-    f"xc_{row}": (ROWS[row][0], ("model.gta.cross_channel=True",) + ROWS[row][1]
-                  + (RES3_RES4,),
-                  f"as `{row}`, with cross-channel heads after res3 and res4 block 0")
-    for row in ("gta_instance", "gta_pixel", "gta_region", "gta_softmax")})
-# Before GTA moved to res4 alone: these rows with GTA after res3 and res4 block 0.
-ROWS.update({
-    f"r34_{row}": (ROWS[row][0], ROWS[row][1] + (RES3_RES4,),
-                   f"as `{row}`, with GTA after res3 and res4 block 0")
-    for row in ("gta", "gta_instance", "gta_pixel", "gta_region", "gta_cross_channel",
-                "real_gta", "tsm_gta", "gta_reduction4", "gta_pool_keys")})
+
+
+def _earlier_recipe(prefix: str, first: Sequence[str], what: str,
+                    rows: Sequence[str]) -> Dict[str, tuple]:
+  """Rows `<prefix>_<row>`: each row with the overrides `first` before its own and
+  GTA after res3 and res4 block 0 (the recipe's placement until 2026-12-01)."""
+  return {f"{prefix}_{row}": (ROWS[row][0], tuple(first) + ROWS[row][1] + (RES3_RES4,),
+                              f"as `{row}`, with {what}") for row in rows}
+
+
+# Before grouped GTA heads (and GTA after res4 alone): cross-channel heads.
+ROWS.update(_earlier_recipe(
+    "xc", ("model.gta.cross_channel=True",),
+    "cross-channel heads after res3 and res4 block 0",
+    ("gta_instance", "gta_pixel", "gta_region", "gta_softmax")))
+# Before GTA moved to res4 alone.
+ROWS.update(_earlier_recipe(
+    "r34", (), "GTA after res3 and res4 block 0",
+    ("gta", "gta_instance", "gta_pixel", "gta_region", "gta_cross_channel", "real_gta",
+     "tsm_gta", "gta_reduction4", "gta_pool_keys")))
 ROWS["r34_nl3d"] = ("synthetic_nl", ("model.nl.kind=3d",
                                      "model.nl.placement=res3:0;res4:0"),
                     "joint space-time (3D) Non-local after res3 and res4")
