@@ -20,21 +20,43 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".m
 
 @dataclasses.dataclass(frozen=True)
 class VideoItem:
-  """One video to prepare: a video file or a folder of frames, with its label index."""
+  """One video to prepare: a video file or a folder of frames, with its label index.
+
+  A captioned dataset's item also carries its captions and, for a clip cut from a
+  longer video file, the segment `[start, end)` in seconds (-1: from the start / to
+  the end).
+  """
   path: str
   label: int
   video_id: str
+  captions: tuple[str, ...] = ()
+  start: float = -1.0
+  end: float = -1.0
 
 
-def read_video(path: str) -> list[np.ndarray]:
-  """All frames of the first video stream of `path`, RGB uint8. Raises on a broken file."""
+def read_video(path: str, start: float = -1.0, end: float = -1.0) -> list[np.ndarray]:
+  """The frames of the first video stream of `path`, RGB uint8.
+
+  With `start >= 0` and/or `end >= 0` (seconds), only the frames whose presentation
+  time lies in `[start, end)`: the decoder seeks to the key frame before `start`.
+  Raises on a broken file.
+  """
   import av  # pylint: disable=g-import-not-at-top  (only preparation decodes videos)
   with av.open(path) as container:
     if not container.streams.video:
       raise ValueError("no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if start > 0 and stream.time_base:
+      container.seek(int(start / stream.time_base), stream=stream, backward=True)
+    frames = []
+    for frame in container.decode(stream):
+      t = frame.time
+      if t is not None and 0 <= end <= t:
+        break
+      if t is None or t >= start:
+        frames.append(frame.to_ndarray(format="rgb24"))
+    return frames
 
 
 def list_frames(folder: str) -> list[str]:
@@ -81,9 +103,10 @@ def load_video(item: VideoItem, *, resize_short: int, jpeg_quality: int):
     if os.path.isdir(item.path):
       frames, bad = read_frame_folder(item.path)
     else:
-      frames, bad = read_video(item.path), []
+      frames, bad = read_video(item.path, item.start, item.end), []
     if not frames:
-      return None, bad, "no decodable frames"
+      segment = f" in [{item.start}, {item.end}) s" if max(item.start, item.end) >= 0 else ""
+      return None, bad, f"no decodable frames{segment}"
     return encode_frames(frames, resize_short, jpeg_quality), bad, None
   except Exception as e:  # pylint: disable=broad-except
     return None, [], f"{type(e).__name__}: {e}"

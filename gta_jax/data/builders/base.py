@@ -10,6 +10,15 @@ nor this module. Each example is one video:
   num_frames  `int32`, `len(frames)`
   label       `ClassLabel` over the builder's class names
   video_id    `Text`, the video's id in its source (file path relative to the root, or id)
+
+A captioned dataset (`CAPTIONED = True`, for text-video retrieval) adds:
+
+  captions    the video's captions, UTF-8 bytes, `Tensor(shape=(None,), dtype=object)`
+  start, end  `float32`, the clip's segment in its source video in seconds (-1: whole)
+
+and writes `captions.json` beside the shards: `{split: [[caption, ...] per example in
+the data source's order]}`, so that the text side (vocabulary, eval queries) never
+has to read the frames.
 """
 
 from __future__ import annotations
@@ -44,13 +53,43 @@ class Skipped:
   bad_frames: list = dataclasses.field(default_factory=list)  # (path, reason)
 
 
-def features(class_names: Sequence[str]) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
+CAPTIONS_FILE = "captions.json"
+
+
+def features(class_names: Sequence[str], captioned: bool = False
+             ) -> tfds.features.FeaturesDict:
+  spec = {
       "frames": tfds.features.Tensor(shape=(None,), dtype=np.object_),
       "num_frames": tfds.features.Scalar(dtype=np.int32),
       "label": tfds.features.ClassLabel(names=list(class_names)),
       "video_id": tfds.features.Text(),
-  })
+  }
+  if captioned:
+    spec.update(captions=tfds.features.Tensor(shape=(None,), dtype=np.object_),
+                start=tfds.features.Scalar(dtype=np.float32),
+                end=tfds.features.Scalar(dtype=np.float32))
+  return tfds.features.FeaturesDict(spec)
+
+
+def caption_fields(item: VideoItem) -> dict:
+  """The captioned features of an item's example (see the module docstring)."""
+  if not item.captions:
+    raise ValueError(f"{item.video_id}: a captioned dataset's video needs a caption")
+  return {"captions": np.array([c.encode("utf-8") for c in item.captions], dtype=object),
+          "start": np.float32(item.start), "end": np.float32(item.end)}
+
+
+def write_captions(prepared: str) -> dict[str, list[list[str]]]:
+  """Writes `captions.json` of the prepared dataset at `prepared` (a local folder)."""
+  source_builder = tfds.builder_from_directory(prepared)
+  out = {}
+  for split in source_builder.info.splits:
+    source = source_builder.as_data_source(split)
+    out[split] = [[c.decode("utf-8") if isinstance(c, bytes) else str(c)
+                   for c in source[i]["captions"]] for i in range(len(source))]
+  with open(os.path.join(prepared, CAPTIONS_FILE), "w") as f:
+    json.dump(out, f)
+  return out
 
 
 class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -62,6 +101,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = tfds.core.Version("1.0.0")  # a subclass bumps its own when its output changes
+  CAPTIONED = False  # True: examples carry captions (base.caption_fields)
   # No checksums or metadata files next to the code; tfds' lookup of them would need
   # `importlib_resources` for an editable install.
   code_path = None
@@ -101,7 +141,8 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # tfds -----------------------------------------------------------------------------
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=features(self.class_names()))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=features(self.class_names(), self.CAPTIONED))
 
   def _download_and_prepare(self, dl_manager, download_config):
     """tfds' preparation, then every shard rewritten without compression.
@@ -135,8 +176,11 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         log.warning("Video skipped: %s (%s)", item.path, error)
         skipped.broken.append((item.path, error))
         continue
-      yield i, {"frames": np.array(frames, dtype=object), "num_frames": len(frames),
-                "label": item.label, "video_id": item.video_id}
+      example = {"frames": np.array(frames, dtype=object), "num_frames": len(frames),
+                 "label": item.label, "video_id": item.video_id}
+      if self.CAPTIONED:
+        example.update(caption_fields(item))
+      yield i, example
 
   # Helpers -----------------------------------------------------------------------------
 
@@ -145,7 +189,10 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return prepared_dir(self.root_dir, self.name, self.config_name(), str(self.VERSION))
 
   def write_report(self) -> dict:
-    """Writes and returns the summary of what was left out, per split."""
+    """Writes and returns the summary of what was left out, per split (and the
+    captions file of a captioned dataset)."""
+    if self.CAPTIONED:
+      write_captions(self.prepared_dir)
     report = {split: {"missing": len(s.missing), "broken": len(s.broken),
                       "bad_frames": len(s.bad_frames),
                       "missing_items": s.missing, "broken_items": s.broken,
