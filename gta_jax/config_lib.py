@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prepare_workers = 0  # decoding processes at preparation; 0 = one per CPU
   c.data.fold = 1  # ucf101 / hmdb51: official split 1, 2 or 3
   c.data.folder_name = ""  # video_folder: names the prepared copy ('' = manual_dir's basename)
+  c.data.split_protocol = ""  # '' = the dataset's default; msrvtt: '1k-A' or 'official'
   c.data.synthetic = ml_collections.ConfigDict(dict(  # the embedded synthetic_motion
       train_per_class=120, val_per_class=25, num_frames=24, height=40, width=48, seed=0))
 

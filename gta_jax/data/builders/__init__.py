@@ -12,6 +12,10 @@ BUILDERS = {
     "something_something_v2": ("manual", "SomethingSomethingV2", True),
     "ucf101": ("manual", "Ucf101", True),
     "hmdb51": ("manual", "Hmdb51", True),
+    # Captioned, for text-video retrieval.
+    "captioned_folder": ("captioned", "CaptionedFolder", True),
+    "msrvtt": ("captioned", "MsrVtt", True),
+    "youcook2": ("captioned", "YouCook2", True),
 }
 
 
@@ -39,8 +43,10 @@ def builder_params(data_config, *, num_workers: int = 0) -> tuple[type, dict]:
     params["manual_dir"] = data_config.manual_dir
   if getattr(cls, "HAS_FOLDS", False):
     params["fold"] = data_config.fold
-  if name == "video_folder":
+  if name in ("video_folder", "captioned_folder"):
     params["folder_name"] = data_config.folder_name
+  if name == "msrvtt":
+    params["protocol"] = data_config.split_protocol  # '' = the default, 1k-A
   return cls, params
 
 

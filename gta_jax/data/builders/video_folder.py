@@ -51,6 +51,18 @@ def sort_labels(labels) -> tuple[str, ...]:
   return tuple(sorted(labels))
 
 
+def folder_config_name(dataset: str, manual_dir: str, folder_name: str,
+                       resize_short: int) -> str:
+  """`<folder_name, else manual_dir's basename>_short<resize_short>`: the config name of
+  a user's folder, so that two folders (or two sizes) never share a prepared copy."""
+  name = folder_name or (os.path.basename(os.path.normpath(os.path.expanduser(manual_dir)))
+                         if manual_dir else "")
+  if not name:
+    raise ValueError(f"{dataset} needs config.data.manual_dir (the folder of videos) or, "
+                     "to read a prepared copy, config.data.folder_name.")
+  return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_short{resize_short}"
+
+
 def _videos_in(folder: str) -> list[str]:
   """Video files and frame folders directly inside a class folder."""
   out = []
@@ -78,12 +90,7 @@ class VideoFolder(base.VideoBuilder, skip_registration=True):
   def config_name_for(cls, *, manual_dir: str = "", folder_name: str = "",
                       resize_short: int = 256, **unused) -> str:
     del unused
-    name = folder_name or (os.path.basename(os.path.normpath(os.path.expanduser(manual_dir)))
-                           if manual_dir else "")
-    if not name:
-      raise ValueError("video_folder needs config.data.manual_dir (the folder of videos) or, "
-                       "to read a prepared copy, config.data.folder_name.")
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_short{resize_short}"
+    return folder_config_name(cls.name, manual_dir, folder_name, resize_short)
 
   # Listing ----------------------------------------------------------------------------
 
