@@ -1,0 +1,1 @@
+"""Text-video retrieval: embeddings of captions and videos, their losses and metrics."""
