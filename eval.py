@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from gta_jax import cli
-from gta_jax.evaluation import evaluate
+from gta_jax import tasks
 from gta_jax.training import writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -32,12 +32,11 @@ def main(argv):
   step = cli.checkpoint_step()
   writers.quiet_library_logs()
   cli.initialize_distributed()
-  summary = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, step, _SPLIT.value)
+  summary = tasks.evaluate(_CONFIG.value, _WORKDIR.value, step, _SPLIT.value)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(json.dumps(summary))
-    print(f"{summary['split']} step {summary['step']}: top-1 {summary['top1']:.4f} "
-          f"top-5 {summary['top5']:.4f} over {summary['num_videos']} videos", flush=True)
+    print(f"{summary['split']} step {summary['step']}: {tasks.describe(summary)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from gta_jax import cli
-from gta_jax.evaluation import evaluate
+from gta_jax import tasks
 from gta_jax.training import loop
 from gta_jax.training import writers
 
@@ -31,11 +31,11 @@ def main(argv):
   cli.initialize_distributed()
   logging.info("config:\n%s", _CONFIG.value)
   summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                    validate=evaluate.make_validator(_CONFIG.value))
+                                    validate=tasks.make_validator(_CONFIG.value,
+                                                                  _WORKDIR.value))
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and summary:
-    print(f"final {_CONFIG.value.data.eval_split} top-1: {summary['top1']:.4f}"
-          + (f" top-5: {summary['top5']:.4f}" if "top5" in summary else ""), flush=True)
+    print(f"final {_CONFIG.value.data.eval_split} {tasks.describe(summary)}", flush=True)
 
 
 if __name__ == "__main__":

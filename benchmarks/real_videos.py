@@ -15,9 +15,12 @@ colour gain and speed per video. The five pairs mirror the embedded dataset's:
 A video of a pair's second class is an independent draw of the first class's
 motion, played backwards: the frames of the two classes have the same distribution,
 so a model blind to frame order (TSN) is at chance within each pair.
-Deterministic from the seed; the layout is `<out>/{train,val}/<class>/<i>.mp4`.
+Deterministic from the seed; the layout is `<out>/{train,val}/<class>/<i>.mp4`. With
+`--captions`, `<out>/{train,val}.csv` caption each video with what its photo shows and
+its class's motion ("a blue gift box turns clockwise"), for `captioned_folder`.
 """
 
+import csv
 import math
 import os
 
@@ -99,26 +102,44 @@ def write_mp4(path: str, frames: list[np.ndarray], fps: int = 12) -> None:
     container.mux(stream.encode())
 
 
+# A caption of each video for `captioned_folder` (text-video retrieval): what the
+# photo shows and the class's motion.
+PHOTO_WORDS = ("a portrait of a woman in uniform", "a blue gift box")
+MOTION_WORDS = {
+    "moves_right": "moves to the right", "moves_left": "moves to the left",
+    "moves_down": "moves down", "moves_up": "moves up", "grows": "gets bigger",
+    "shrinks": "gets smaller", "turns_clockwise": "turns clockwise",
+    "turns_anticlockwise": "turns anticlockwise", "brightens": "gets brighter",
+    "darkens": "gets darker"}
+
+
 def make_folder(out: str, *, train_per_class: int = 120, val_per_class: int = 25,
                 num_frames: int = 24, width: int = 96, height: int = 72,
-                seed: int = 0) -> None:
-  """Writes the dataset under `out` (a video that already exists is kept)."""
+                seed: int = 0, captions: bool = False) -> None:
+  """Writes the dataset under `out` (a video that already exists is kept); with
+  `captions`, also `<split>.csv` lists of `path,caption` for `captioned_folder`."""
   photos = load_photos()
   for split_index, (split, count) in enumerate((("train", train_per_class),
                                                 ("val", val_per_class))):
+    rows = [("path", "caption")]
     for label, name in enumerate(CLASS_NAMES):
       folder = os.path.join(out, split, name)
       os.makedirs(folder, exist_ok=True)
       for i in range(count):
         path = os.path.join(folder, f"{i:04d}.mp4")
+        rng = np.random.default_rng([seed, split_index, label, i])
+        photo = int(rng.integers(len(photos)))
+        rows.append((os.path.relpath(path, out),
+                     f"{PHOTO_WORDS[photo]} {MOTION_WORDS[name]}"))
         if os.path.exists(path):
           continue
-        rng = np.random.default_rng([seed, split_index, label, i])
-        photo = photos[rng.integers(len(photos))]
-        frames = camera_frames(photo, label // 2, rng, num_frames=num_frames,
+        frames = camera_frames(photos[photo], label // 2, rng, num_frames=num_frames,
                                width=width, height=height)
         write_mp4(path + ".part", frames[::-1] if label % 2 else frames)
         os.replace(path + ".part", path)
+    if captions:
+      with open(os.path.join(out, f"{split}.csv"), "w", newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def main(argv):
@@ -126,7 +147,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   make_folder(f.out, train_per_class=f.train_per_class, val_per_class=f.val_per_class,
-              seed=f.seed)
+              seed=f.seed, captions=f.captions)
   print(f"wrote {len(CLASS_NAMES)} classes to {f.out}")
 
 
@@ -136,4 +157,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("train_per_class", 120, "Training videos per class.")
   flags.DEFINE_integer("val_per_class", 25, "Validation videos per class.")
   flags.DEFINE_integer("seed", 0, "Seed of the draws.")
+  flags.DEFINE_bool("captions", False, "Also write train.csv and val.csv of "
+                    "'path,caption' rows for the captioned_folder dataset.")
   app.run(main)

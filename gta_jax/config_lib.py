@@ -26,6 +26,7 @@ def from_file(path: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every config key, with defaults (a TSN ResNet-50 on the embedded dataset)."""
   c = ml_collections.ConfigDict()
+  c.task = "classification"  # or 'retrieval' (text-video; docs/retrieval.md)
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 64  # global, over all devices and processes
@@ -67,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.folder_name = ""  # video_folder: names the prepared copy ('' = manual_dir's basename)
   c.data.split_protocol = ""  # '' = the dataset's default; msrvtt: '1k-A' or 'official'
   c.data.synthetic = ml_collections.ConfigDict(dict(  # the embedded synthetic_motion
-      train_per_class=120, val_per_class=25, num_frames=24, height=40, width=48, seed=0))
+      train_per_class=120, val_per_class=25, num_frames=24, height=40, width=48, seed=0,
+      train_captions=4))  # synthetic_captions: phrasings per training video
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
@@ -102,6 +104,29 @@ def base_config() -> ml_collections.ConfigDict:
       inflate="res4:all;res5:all", stem_temporal_kernel=1, stem_temporal_stride=1))
   for name, spec in registry.TEMPORAL_MODULES.items():
     c.model[name] = spec.default_config()
+
+  # Text-video retrieval (task='retrieval', gta_jax/retrieval/): the video network of
+  # config.model without its classifier, a text encoder, both projected to one space.
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.embed_dim = 256
+  c.retrieval.projection = "gated"  # HowTo100M's gated embedding unit, or 'linear'
+  c.retrieval.loss = "max_margin"  # bidirectional ranking loss, or 'infonce'
+  c.retrieval.margin = 0.1  # max_margin (HowTo100M's)
+  c.retrieval.temperature_init = 0.07  # infonce's (learned)
+  c.retrieval.eval_block_size = 1024  # queries scored at a time (metrics.ranks)
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = "max"  # 'max' (HowTo100M), 'transformer' or 'precomputed'
+  c.text.vocab_size = 10000  # words (with <pad>, <unk>) kept from the training captions
+  c.text.max_words = 20  # tokens per caption (HowTo100M: 20)
+  c.text.drop_unknown = False  # HowTo100M drops unknown words; default: <unk>
+  c.text.word_dim = 300  # word-embedding width (= the word-vector file's)
+  c.text.word_vectors = ""  # word2vec .bin or GloVe/fastText text file, '' = learned
+  c.text.word_vectors_format = "auto"  # 'auto' (.bin: binary), 'word2vec' or 'text'
+  c.text.hidden_dim = 512
+  c.text.layers = 2  # transformer
+  c.text.heads = 4  # transformer
+  c.text.precomputed = ""  # .npz of 'captions' and 'vectors' (encoder='precomputed')
+  c.text.vector_dim = 512  # the width of those vectors
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"  # 'sgd' or 'adamw'
@@ -281,4 +306,28 @@ def k400_3d_config(clip_len: int = 8, frame_interval: int = 8,
   c.optim.grad_clip_norm = 0.0
   c.eval.num_clips = 10
   c.eval.num_crops = 3
+  return c
+
+
+def retrieval_synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
+  """Text-video retrieval on the embedded `synthetic_captions` (minutes on a CPU).
+
+  The video side is `synthetic_config`'s tiny ResNet with the same temporal modules
+  and their settings; the text side HowTo100M's max-pooled word encoder over
+  learned word embeddings; both project to 128-d gated embeddings, trained with
+  the bidirectional max-margin ranking loss (margin 0.1). Validation queries are
+  the val split's captions, one per video, against its 250 videos: each draw with
+  its time-reversed twin (docs/retrieval.md).
+  """
+  c = synthetic_config(temporal_modules)
+  c.task = "retrieval"
+  c.data.dataset = "synthetic_captions"
+  c.batch_size = 32
+  c.optim.lr_batch_size = 32
+  c.retrieval.embed_dim = 128
+  c.text.vocab_size = 256
+  c.text.word_dim = 64
+  c.text.hidden_dim = 128
+  c.text.max_words = 16
+  c.eval.batch_size = 50
   return c

@@ -114,3 +114,36 @@ def test_cudnn_attention_lowers_only_with_the_cuda_plugin():
   else:
     with pytest.raises(RuntimeError, match="cuDNN is not detected"):
       lower_steps(config, "cuda")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("encoder", ["max", "transformer"])
+def test_retrieval_steps_lower(encoder, platform):
+  """The retrieval train step (a GTA video side, both text encoders) and its video
+  and caption embedding steps lower for the platform's ops."""
+  from gta_jax.retrieval import steps as retrieval_steps  # pylint: disable=g-import-not-at-top
+  config = config_lib.retrieval_synthetic_config("gta")
+  config.data.num_frames, config.data.crop_size = 4, 32
+  config.model.update(small_stem=False, dtype="bfloat16", attention_impl=ATTENTION[platform])
+  config.text.encoder = encoder
+  t, crop, words = 4, 32, config.text.max_words
+  text = {"tokens": jax.ShapeDtypeStruct((BATCH, words), jnp.int32),
+          "token_mask": jax.ShapeDtypeStruct((BATCH, words), jnp.bool_)}
+  index = jax.ShapeDtypeStruct((BATCH,), jnp.int64 if jax.config.jax_enable_x64
+                               else jnp.int32)
+  with backend.force_platform(PLATFORMS[platform]):
+    model, tx, _, abstract_state = state_lib.build(config)
+    export_for = functools.partial(export.export, platforms=(platform,))
+    train = export_for(retrieval_steps.make_train_step(model, tx, loss="max_margin",
+                                                       margin=0.1))(
+        abstract_state, dict(text, video=uint8_clips((BATCH, t, crop, crop, 3)),
+                             video_index=index))
+    videos = export_for(retrieval_steps.make_video_step(model))(
+        abstract_state.variables, {"video": uint8_clips((BATCH, VIEWS, t, crop, crop, 3))})
+    captions = export_for(retrieval_steps.make_text_step(model))(
+        abstract_state.variables, text)
+  assert train.platforms == videos.platforms == captions.platforms == (platform,)
+  assert "reduce_window" in train.mlir_module()  # flax's max-pool: no XLA:CPU kernel
+  for exported in (videos, captions):
+    out = jax.tree.unflatten(exported.out_tree, exported.out_avals)["features"]
+    assert out.shape == (BATCH, config.retrieval.embed_dim)

@@ -110,7 +110,7 @@ def reference(tmp_path_factory, data_dir):
 
 def test_train_then_eval(reference, data_dir):
   workdir, result = reference
-  assert "final val top-1:" in result.stdout
+  assert "final val top-1 " in result.stdout
   train = rows(workdir, "train")
   assert sorted(train) == list(range(1, TOTAL_STEPS + 1))
   for row in train.values():

@@ -214,6 +214,8 @@ def prepare_dataset(config) -> DatasetMeta:
       `config.model.num_classes` differs from the dataset's class count.
   """
   meta = prepare(config.data)
+  if config.get("task", "classification") == "retrieval":
+    return meta  # no classifier: the class labels are metadata only
   want = config.model.num_classes
   if want != meta.num_classes:
     raise ValueError(
@@ -269,11 +271,16 @@ class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-me
   With `data.decoder='dali'` the clip is left undecoded: the sampled frames' JPEG bytes
   (`jpegs`, `(T,)` object), the crop box (`box`, int32 `(4,)`) and the flip (`flip`),
   from the same random draws, for `dali.TrainBatches` to decode on the GPU.
+
+  A `caption_encoder` (retrieval: `gta_jax.retrieval.data.CaptionEncoder`) adds one of
+  the video's captions, drawn at random, as its text fields (`tokens`, `token_mask`
+  or `vectors`).
   """
 
-  def __init__(self, data_config, with_index: bool = False):
+  def __init__(self, data_config, with_index: bool = False, caption_encoder=None):
     self.data = _plain(data_config)
     self.with_index = with_index
+    self.caption_encoder = caption_encoder
 
   def random_map(self, element, rng: np.random.Generator):
     d = self.data
@@ -289,6 +296,8 @@ class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-me
     out["label"] = np.int32(element["label"])
     if self.with_index:
       out["video_index"] = np.int64(element["index"])
+    if self.caption_encoder is not None:
+      out.update(self.caption_encoder.sample(element["captions"], rng))
     return out
 
 
@@ -502,7 +511,7 @@ class IndexedSource:
 
 
 def make_train_loader(config, *, seed: int, process_index: int, process_count: int,
-                      with_index: bool = False, mesh=None):
+                      with_index: bool = False, mesh=None, caption_encoder=None):
   """An infinite iterable of training batches for this process.
 
   `iter(loader)` is a `BatchIterator` with `get_state()`/`set_state()` for an exact
@@ -519,7 +528,8 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   `video_index=int64 (B_local,)`, the videos' positions in the split. With
   `config.data.decoder='dali'` (which needs the `mesh`), `video` is instead a global
   `jax.Array` decoded on this process's devices and sharded along the mesh's `data` axis
-  (`gta_jax.data.dali`); everything else, the state included, is the same.
+  (`gta_jax.data.dali`); everything else, the state included, is the same. A
+  `caption_encoder` adds a random caption of each video (`TrainTransform`).
   """
   d = config.data
   if check_decoder(d) == "dali" and mesh is None:
@@ -534,7 +544,7 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
                      f"config.batch_size={config.batch_size}.")
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=int(seed)).repeat(None)  # each epoch reshuffled by seed + epoch
-  ds = ds.random_map(TrainTransform(d, with_index), seed=int(seed))
+  ds = ds.random_map(TrainTransform(d, with_index, caption_encoder), seed=int(seed))
   # Local batches in global order: global batch g is local batches g*P .. g*P + P-1.
   ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
   if d.decoder == "dali":

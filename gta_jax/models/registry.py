@@ -85,25 +85,38 @@ def build_hooks(model_config: ml_collections.ConfigDict, sizes, dtype):
   return tuple((slot, factory) for slot, (_, factory) in sorted(placed.items()))
 
 
-def build_model(config: ml_collections.ConfigDict) -> resnet.VideoResNet:
-  """Builds the video network `config.model` describes.
+def build_model(config: ml_collections.ConfigDict):
+  """Builds the model of `config.task`: the video classifier `config.model`
+  describes, or for `task='retrieval'` the text-video model
+  (`gta_jax.retrieval.model`) around it.
 
   Args:
     config: the whole experiment config (`config.model` and `config.data.num_frames`).
 
   Returns:
-    A flax module; `module.apply(variables, video, train=bool)` maps
+    A flax module. A classifier's `apply(variables, video, train=bool)` maps
     `(B, T, H, W, 3)` normalised clips to `(B, num_classes)` logits.
 
   Raises:
     ValueError: naming the config key at fault and what is allowed.
   """
+  if config.get("task", "classification") == "retrieval":
+    from gta_jax.retrieval import model as retrieval_model  # pylint: disable=g-import-not-at-top
+    return retrieval_model.build_model(config)
   m = config.model
-  arch = _choice(m.arch, ARCHS, "config.model.arch")
-  dtype = DTYPES[_choice(m.dtype, DTYPES, "config.model.dtype")]
   if not isinstance(m.num_classes, int) or m.num_classes < 1:
     raise ValueError(f"config.model.num_classes must be a positive int, got "
                      f"{m.num_classes!r}")
+  return build_video_network(config, m.num_classes)
+
+
+def build_video_network(config: ml_collections.ConfigDict,
+                        num_classes: int) -> resnet.VideoResNet:
+  """The video network of `config.model` with `num_classes` outputs (0: the pooled
+  features, no classifier)."""
+  m = config.model
+  arch = _choice(m.arch, ARCHS, "config.model.arch")
+  dtype = DTYPES[_choice(m.dtype, DTYPES, "config.model.dtype")]
   backend.check_attention_impl(m.attention_impl)
   if not isinstance(m.bn_group_size, int) or m.bn_group_size < 0:
     raise ValueError("config.model.bn_group_size must be an int >= 0 (0: statistics "
@@ -115,7 +128,7 @@ def build_model(config: ml_collections.ConfigDict) -> resnet.VideoResNet:
         m.resnet3d.inflate, sizes, key="config.model.resnet3d.inflate")))
   return resnet.VideoResNet(
       stage_sizes=sizes,
-      num_classes=m.num_classes,
+      num_classes=num_classes,
       num_frames=config.data.num_frames,
       bottleneck=DEPTHS[m.depth][1],
       width=m.width,

@@ -244,7 +244,9 @@ class ClassificationHead(nn.Module):
   averaged over time (TSN's average consensus); otherwise the clip is pooled over
   `(T, H, W)` and classified once. Logits are float32 whatever the compute dtype.
   The pre-logits, the pooled vector `(B, C)` whose image under the classifier are the
-  logits (frames averaged), are sown as `features/head/pre_logits`.
+  logits (frames averaged), are sown as `features/head/pre_logits`. With
+  `num_classes=0` there is no classifier: the pre-logits are the output (a video
+  encoder, e.g. for text-video retrieval).
   """
   num_classes: int
   dropout_rate: float = 0.0
@@ -255,6 +257,8 @@ class ClassificationHead(nn.Module):
     x = x.astype(jnp.float32)
     pool_axes = (2, 3) if self.frame_consensus else (1, 2, 3)
     x = jnp.mean(x, axis=pool_axes)
+    if not self.num_classes:
+      return jnp.mean(x, axis=1) if self.frame_consensus else x
     if not self.is_initializing():  # `init` returns no `features` collection
       self.sow(FEATURES, PRE_LOGITS, jnp.mean(x, axis=1) if self.frame_consensus else x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -264,7 +268,8 @@ class ClassificationHead(nn.Module):
 
 
 class VideoResNet(nn.Module):
-  """ResNet over clips `(B, T, H, W, 3)` -> logits `(B, num_classes)`.
+  """ResNet over clips `(B, T, H, W, 3)` -> logits `(B, num_classes)` (or, with
+  `num_classes=0`, the pooled features `(B, C)`).
 
   With `mutable=[FEATURES]`, `apply` also returns each stage's output pooled over
   `(T, H, W)` (`features/res2` ... `features/res5`) and the pre-logits
@@ -272,7 +277,7 @@ class VideoResNet(nn.Module):
 
   Attributes:
     stage_sizes: residual blocks per stage, e.g. `(3, 4, 6, 3)` for ResNet-50.
-    num_classes: classifier outputs.
+    num_classes: classifier outputs; 0: no classifier.
     num_frames: the clip length the model is built for; other lengths are refused.
     bottleneck: bottleneck blocks (50/101/152) or basic blocks (18/34).
     width: channels of the first stage (64 in the papers).

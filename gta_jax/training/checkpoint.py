@@ -32,6 +32,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 from gta_jax import paths
 from gta_jax.training import state as state_lib
 
+# The checkpoint metric that names the best step: the validation score of the task
+# (`tasks.score_key`: top-1, or retrieval's rsum), saved under this key.
 BEST_METRIC = "top1"
 DATA_ITEM = "data_position"
 LEGACY_DATA_ITEM = "data"  # grain's per-process iterator files, before data_position

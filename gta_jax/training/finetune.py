@@ -67,6 +67,12 @@ def find_step_dir(init_from: paths.PathLike) -> epath.Path:
   return where / str(max(steps))
 
 
+def is_retrieval_run(init_from: paths.PathLike) -> bool:
+  """Whether the checkpoint `init_from` names is a text-video retrieval model's."""
+  tree = ocp.PyTreeCheckpointer().metadata(find_step_dir(init_from) / "state")
+  return "video" in tree.item_metadata.tree.get("params", {})
+
+
 def read_variables(step_dir: epath.Path) -> Dict[str, np.ndarray]:
   """The `params` and `batch_stats` of a checkpoint, flat (`params/res2_block0/...`)."""
   item = step_dir / "state"

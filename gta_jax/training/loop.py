@@ -8,7 +8,7 @@ same weights, on any number of processes and devices). It checkpoints every
 returns normally; in a multi-process run every process stops at the same step).
 
 Validation is a callback, `validate(variables, final) -> summary`, which `train.py`
-builds from `gta_jax.evaluation`: every `eval_every_steps` it runs the cheap
+builds from `gta_jax.evaluation` (or `gta_jax.retrieval`: `gta_jax.tasks`): every `eval_every_steps` it runs the cheap
 in-training protocol (`final=False`, logged as `eval_during_training` rows and
 `<split>_during_training/` scalars), at the end the full one (`final=True`, logged
 as `eval` rows and `<split>/` scalars). Metrics reach the host every
@@ -28,14 +28,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gta_jax import paths
+from gta_jax import tasks
 from gta_jax.data import pipeline
 from gta_jax.training import checkpoint
 from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
-from gta_jax.training import steps
 from gta_jax.training import writers
 
-# (variables, final) -> a summary with at least `split` and `top1`.
+# (variables, final) -> a summary with at least `split` and the task's score
+# (`tasks.score_key`: `top1`, or retrieval's `rsum`).
 Validate = Callable[[Any, bool], Dict[str, Any]]
 Pending = List[Tuple[int, Dict[str, Any]]]
 
@@ -211,7 +212,7 @@ class _Run:
     scores = None
     if validating:
       state = self.run_validation(step, state, final)
-      scores = {checkpoint.BEST_METRIC: self.summary["top1"]}
+      scores = {checkpoint.BEST_METRIC: self.summary[tasks.score_key(self.config)]}
     self.writer.flush()  # before the checkpoint: its rows must survive a kill after it
     self.ckpt.save(step, state, self.train_iter, self.config, metrics=scores)
     self.log.restart_clock()
@@ -224,10 +225,11 @@ class _Run:
     kind, prefix = ("eval", split) if final else ("eval_during_training",
                                                   f"{split}_during_training")
     self.writer.write(kind, step, summary, prefix)
-    logging.info("step %d: %s top-1 %.4f (%s)", step, split, summary["top1"], kind)
+    logging.info("step %d: %s %s (%s)", step, split, tasks.describe(summary), kind)
     self.summary = summary
     if self.config.optim.schedule == "plateau":
-      state = _apply_plateau(state, summary["top1"], self.config, self.mesh)
+      state = _apply_plateau(state, summary[tasks.score_key(self.config)], self.config,
+                             self.mesh)
     return state
 
 
@@ -251,8 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
   mesh = sharding.make_mesh()
   meta = prepare_data(config)
   model, tx, lr_fn, abstract_state = state_lib.build(config, mesh)
-  train_iter = sharding.DevicePrefetcher(iter(pipeline.make_train_loader(
-      config, seed=config.seed, process_index=jax.process_index(),
+  train_iter = sharding.DevicePrefetcher(iter(tasks.make_train_loader(
+      config, workdir, process_index=jax.process_index(),
       process_count=jax.process_count(), mesh=mesh)), mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   writer = writers.MetricWriter(workdir)
@@ -265,9 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
                  "steps %d -> %d", meta.name, meta.num_classes,
                  meta.num_examples.get(config.data.train_split, -1), jax.device_count(),
                  jax.process_count(), start, config.total_steps)
-    train_step = steps.make_train_step(
-        model, tx, learning_rate_fn=lr_fn, label_smoothing=config.optim.label_smoothing,
-        dropout_seed=config.seed, mesh=mesh)
+    train_step = tasks.make_train_step(config, model, tx, lr_fn, mesh)
     with writers.progress_bar(config.total_steps, start) as bar:
       run = _Run(config, mesh, ckpt, writer, train_iter, validate, preemption,
                  _TrainLog(config, writer, bar), summary)
@@ -288,8 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
   return run.summary
 
 
-def _apply_plateau(state, top1: float, config, mesh):
-  scale, best, count = state_lib.update_plateau(state, top1, config)
+def _apply_plateau(state, score: float, config, mesh):
+  scale, best, count = state_lib.update_plateau(state, score, config)
   new = sharding.replicate(
       {"lr_scale": np.float32(scale), "plateau_best": np.float32(best),
        "plateau_count": np.int32(count)}, mesh)

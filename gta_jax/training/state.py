@@ -35,20 +35,39 @@ def input_shape(config: ml_collections.ConfigDict, batch: int = 1):
   return (batch, d.num_frames, d.crop_size, d.crop_size, 3)
 
 
+def is_retrieval(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's task is text-video retrieval (`config.task`)."""
+  return config.get("task", "classification") == "retrieval"
+
+
 def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array):
   """The model's initial `params` and `batch_stats` (pure: jit or eval_shape it)."""
-  video = jnp.zeros(input_shape(config), jnp.float32)
-  variables = model.init({"params": rng, "dropout": rng}, video, train=False)
+  inputs = (jnp.zeros(input_shape(config), jnp.float32),)
+  if is_retrieval(config):
+    from gta_jax.retrieval import model as retrieval_model  # pylint: disable=g-import-not-at-top
+    inputs += (retrieval_model.example_text(config),)
+  variables = model.init({"params": rng, "dropout": rng}, *inputs, train=False)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def loads_weights(config: ml_collections.ConfigDict) -> bool:
+  """Whether :func:`load_pretrained` changes a fresh initialisation."""
+  return bool(config.model.pretrained or config.init_from
+              or (is_retrieval(config) and config.text.word_vectors))
 
 
 def load_pretrained(variables: Any, config: ml_collections.ConfigDict) -> Any:
   """Applies `config.model.pretrained` (ImageNet weights) or `config.init_from` (a run
-  of this project, `training.finetune`), if set, to host variables.
+  of this project, `training.finetune`), if set, to host variables; a retrieval
+  model's video network takes them (`retrieval.model.load_weights`), and its word
+  embeddings `config.text.word_vectors`.
 
   Raises:
     ValueError: both are set.
   """
+  if is_retrieval(config):
+    from gta_jax.retrieval import model as retrieval_model  # pylint: disable=g-import-not-at-top
+    return retrieval_model.load_weights(variables, config)
   if config.model.pretrained and config.init_from:
     raise ValueError("set config.model.pretrained (ImageNet weights) or config.init_from "
                      f"(a run of this project), not both: got {config.model.pretrained!r} "
@@ -136,7 +155,7 @@ def initial_state(config: ml_collections.ConfigDict, model, tx, mesh) -> TrainSt
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   rep = sharding.replicated(mesh)
   rng = jax.random.key(config.seed)
-  if not (config.model.pretrained or config.init_from):
+  if not loads_weights(config):
     return _run_once(lambda r: create_train_state(init_variables(model, config, r), tx),
                      rng, out_shardings=rep)
   variables = _run_once(lambda r: init_variables(model, config, r), rng)

@@ -59,31 +59,46 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     `step(state, batch) -> (state, metrics)`; the input state is donated.
     `metrics` holds scalar `loss`, `accuracy`, `grad_norm` and `lr`.
   """
+
+  def loss_fn(params, batch_stats, batch, rng):
+    labels = batch["label"]
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, prepare_video(batch["video"]),
+        train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, ({"accuracy": accuracy}, updates)
+
+  return make_update_step(loss_fn, tx, learning_rate_fn=learning_rate_fn,
+                          dropout_seed=dropout_seed, mesh=mesh)
+
+
+def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
+                     learning_rate_fn: Optional[Callable[[Any], Any]] = None,
+                     dropout_seed: int = 0, mesh: Optional[Mesh] = None) -> Callable:
+  """The jitted step of any task: a gradient of `loss_fn`, an optimizer update.
+
+  Args:
+    loss_fn: `(params, batch_stats, batch, dropout_rng) -> (loss, (metrics,
+      updates))`, where `updates` holds the new `batch_stats` and `metrics` the
+      task's scalars (at least `accuracy`).
+    tx, learning_rate_fn, dropout_seed, mesh: as in :func:`make_train_step`.
+
+  Returns:
+    `step(state, batch) -> (state, metrics)`, the state donated; `metrics` adds
+    `loss`, `grad_norm` and `lr` to the task's.
+  """
   base_key = jax.random.key(dropout_seed)
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-    video = prepare_video(batch["video"])
-    labels = batch["label"]
     rng = jax.random.fold_in(base_key, state.step)
-
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, video, train=True,
-          mutable=["batch_stats"], rngs={"dropout": rng})
-      loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
-      return loss, (logits, updates)
-
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch, rng)
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
     deltas = jax.tree.map(lambda d: d * state.lr_scale, deltas)
     lr = learning_rate_fn(state.step) if learning_rate_fn else jnp.nan
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.tree.norm(grads),
-        "lr": lr * state.lr_scale,
-    }
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=lr * state.lr_scale)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, deltas),

@@ -16,6 +16,7 @@ Deterministic from the seed: video `i` of a split uses `default_rng([seed, split
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cv2
@@ -80,15 +81,40 @@ def _contrasting(rng: np.random.Generator, bg: np.ndarray):
       return tuple(float(v) for v in c)
 
 
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """What a video's frames show, besides its motion (the words of its captions).
+
+  Attributes:
+    shape: one of `_SHAPES`, or `bar` (the rotation pair's object).
+    colour: the object's RGB colour, 0-255.
+    size: where the object's size lies in its pair's range, 0 (smallest) to 1.
+    position: the object's centre in the middle frame, `(x / W, y / H)` (the same in
+      a video and its time-reversed twin).
+  """
+  shape: str
+  colour: tuple[float, float, float]
+  size: float
+  position: tuple[float, float]
+
+
 def render_video(pair: int, num_frames: int, height: int, width: int,
                  rng: np.random.Generator) -> np.ndarray:
   """A random forward motion of pair `pair` (its first class): `(n, H, W, 3)` uint8."""
+  return render_scene(pair, num_frames, height, width, rng)[0]
+
+
+def render_scene(pair: int, num_frames: int, height: int, width: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, Scene]:
+  """:func:`render_video`'s frames and the :class:`Scene` they show (same draws)."""
   n, h, w = num_frames, height, width
   bg = _background(rng, h, w)
   shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
   colour = _contrasting(rng, bg)
   short = min(h, w)
-  r = rng.uniform(0.13, 0.2) * short  # object radius
+  size = rng.uniform(0.13, 0.2)
+  r = size * short  # object radius
+  size = (size - 0.13) / (0.2 - 0.13)
   angle0 = rng.uniform(0, 2 * math.pi)
   u = np.linspace(0.0, 1.0, n)
   # Ease the motion a little, randomly (speed profile), the same way for both directions.
@@ -105,14 +131,18 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
     other = rng.uniform(r + abs(drift), across - r - abs(drift)) + drift * (u - 0.5)
     xs, ys = (pos, other) if pair == 0 else (other, pos)
   elif pair == 2:  # grow
-    r = rng.uniform(0.08, 0.11) * short
+    size = rng.uniform(0.08, 0.11)
+    r = size * short
+    size = (size - 0.08) / (0.11 - 0.08)
     scale = 1.0 + (rng.uniform(2.0, 2.8) - 1.0) * u
     rmax = r * scale[-1]
     xs = np.full(n, rng.uniform(rmax, w - rmax))
     ys = np.full(n, rng.uniform(rmax, h - rmax))
   elif pair == 3:  # a bar turning clockwise on screen (y points down) about its centre
     shape = "bar"
-    r = rng.uniform(0.3, 0.4) * short  # half its length
+    size = rng.uniform(0.3, 0.4)
+    r = size * short  # half its length
+    size = (size - 0.3) / (0.4 - 0.3)
     xs = np.full(n, rng.uniform(r, w - r))
     ys = np.full(n, rng.uniform(r, h - r))
     turn = rng.uniform(0.5, 0.8) * math.pi * u  # < pi: a bar looks the same turned by pi
@@ -128,7 +158,11 @@ def render_video(pair: int, num_frames: int, height: int, width: int,
   a = alpha.astype(np.float32)[:, None, None, None]
   frames = a * frames + (1.0 - a) * bg
   frames += np.float32(noise) * rng.standard_normal(frames.shape, dtype=np.float32)
-  return np.clip(frames, 0, 255).astype(np.uint8)
+  mid = (n - 1) // 2 if n % 2 else None  # a twin's middle is the same frame
+  x_mid = xs[mid] if mid is not None else (xs[n // 2 - 1] + xs[n // 2]) / 2
+  y_mid = ys[mid] if mid is not None else (ys[n // 2 - 1] + ys[n // 2]) / 2
+  scene = Scene(shape, colour, float(size), (float(x_mid) / w, float(y_mid) / h))
+  return np.clip(frames, 0, 255).astype(np.uint8), scene
 
 
 def make_video(label: int, num_frames: int, height: int, width: int,
