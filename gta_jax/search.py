@@ -77,6 +77,9 @@ class SearchIndex(predict.Predictor):
   def embed_files(self, videos: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """`(readable videos, their embeddings (N, D))`, from the cache when it has them;
     unreadable files are reported on stderr."""
+    if self.config.retrieval.video_encoder == "frozen":
+      raise ValueError("this run's video network is frozen and not in its checkpoint: "
+                       "search a prepared split (--split) whose features it cached")
     cache = self._cache_file(videos)
     if cache.exists():
       with np.load(io.BytesIO(cache.read_bytes())) as saved:

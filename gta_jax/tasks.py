@@ -50,15 +50,15 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, lr_fn, mesh) -
 
 def make_train_loader(config: ml_collections.ConfigDict, workdir: paths.PathLike, *,
                       process_index: int, process_count: int, mesh):
-  """The task's training batches (`pipeline.make_train_loader`; retrieval adds a
-  random caption of each clip, encoded with the run's vocabulary)."""
-  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  kwargs = {}
+  """The task's training batches (`pipeline.make_train_loader`; retrieval's
+  `retrieval.data.make_train_loader` adds a random caption of each clip)."""
   if task(config) == "retrieval":
     from gta_jax.retrieval import data  # pylint: disable=g-import-not-at-top
-    kwargs = dict(with_index=True, caption_encoder=data.caption_encoder(config, workdir))
+    return data.make_train_loader(config, workdir, process_index=process_index,
+                                  process_count=process_count, mesh=mesh)
+  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.make_train_loader(config, seed=config.seed, process_index=process_index,
-                                    process_count=process_count, mesh=mesh, **kwargs)
+                                    process_count=process_count, mesh=mesh)
 
 
 def make_validator(config: ml_collections.ConfigDict, workdir: paths.PathLike,

@@ -2,10 +2,12 @@
 
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import set_keys
 
 from gta_jax import config_lib
 from gta_jax.data import pipeline
@@ -17,6 +19,7 @@ from gta_jax.retrieval import metrics
 from gta_jax.retrieval import model as model_lib
 from gta_jax.retrieval import steps
 from gta_jax.training import optim
+from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
 
 
@@ -226,3 +229,56 @@ def test_an_attribute_oracle_identifies_most_val_videos():
                         undirected.astype(np.float32), owner)
   assert metrics.summarize(ranks)["t2v_r1"] == 0.0
   del blind
+
+
+# Starting from a classification run ----------------------------------------------------
+
+
+def from_classification_run(tiny_gta_run, encoder):
+  """The retrieval recipe on the captioned dataset, with tiny_gta_run's network."""
+  config = config_lib.retrieval_synthetic_config("gta")
+  keys = {k: v for k, v in tiny_gta_run["overrides"].items() if not k.startswith("seed")}
+  config = set_keys(config, keys)
+  config.model.gta = tiny_gta_run["config"].model.gta
+  config.init_from = tiny_gta_run["workdir"]
+  config.retrieval.video_encoder = encoder
+  pipeline.prepare(config.data)
+  return config
+
+
+def test_finetune_starts_from_a_classification_run(tiny_gta_run):
+  config = from_classification_run(tiny_gta_run, "finetune")
+  mesh = sharding.make_mesh()
+  model, tx, _, _ = state_lib.build(config, mesh)
+  state = jax.device_get(state_lib.initial_state(config, model, tx, mesh))
+  want = flax.traverse_util.flatten_dict(tiny_gta_run["variables"]["params"], sep="/")
+  got = flax.traverse_util.flatten_dict(state.params["video"], sep="/")
+  assert sorted(got) == sorted(k for k in want if not k.startswith("head/fc/"))
+  for path, value in got.items():
+    np.testing.assert_array_equal(value, want[path], err_msg=path)
+
+
+def test_frozen_features_are_the_classification_networks(tiny_gta_run, tmp_path):
+  """The cached features of a frozen encoder are the classifier's pre-logits (its eval
+  step with `feature_layer`), computed once and read back from the run."""
+  from gta_jax.evaluation import evaluate as classification_eval  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import steps as classification_steps  # pylint: disable=g-import-not-at-top
+  config = from_classification_run(tiny_gta_run, "frozen")
+  mesh = sharding.make_mesh()
+  features = data.video_features(config, tmp_path, "val", mesh)
+  classifier = registry.build_model(tiny_gta_run["config"])
+  eval_step = classification_steps.make_eval_step(classifier, mesh, "pre_logits")
+  variables = sharding.replicate(tiny_gta_run["variables"], mesh)
+  want, _ = classification_eval.validate(config, eval_step, variables, mesh, "val")
+  np.testing.assert_allclose(features, want["features"], rtol=1e-5, atol=1e-6)
+  assert (tmp_path / data.FEATURES_DIR / "val.npz").exists()
+  again = data.video_features(config, tmp_path, "val", None)  # from the cache
+  np.testing.assert_array_equal(again, features)
+
+  model, tx, _, _ = state_lib.build(config)
+  assert "video" not in jax.eval_shape(
+      lambda: state_lib.init_variables(model, config, jax.random.key(0)))["params"]
+  config.init_from = ""
+  with pytest.raises(ValueError, match="needs the network's weights"):
+    data.video_features(config, tmp_path / "other", "val", mesh)

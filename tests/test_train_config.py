@@ -49,3 +49,42 @@ def test_the_shipped_synthetic_configs_build():
     loop.check_config(c)
     _, _, _, abstract = state_lib.build(c)
     assert abstract.params["head"]["fc"]["kernel"].shape[-1] == c.model.num_classes
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("text.encoder", "bert", "config.text.encoder"),
+    ("retrieval.projection", "mlp", "config.retrieval.projection"),
+    ("retrieval.video_encoder", "partial", "config.retrieval.video_encoder"),
+    ("text.heads", 0, "config.text.heads"),
+    ("retrieval.embed_dim", 0, "config.retrieval.embed_dim"),
+])
+def test_retrieval_values_are_checked(key, value, match):
+  c = config_lib.retrieval_synthetic_config("gta")
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    state_lib.build(c)
+
+
+def test_unknown_task_is_named():
+  from gta_jax import tasks  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.task = "captioning"
+  with pytest.raises(ValueError, match="config.task"):
+    tasks.score_key(c)
+
+
+def test_the_shipped_retrieval_configs_build():
+  """The embedded recipes train their video network; the MSR-VTT and YouCook2 ones
+  take a frozen SSA-R50's 2048-d features (the tiny net's res5: 8 x 8 x 4 = 256)."""
+  import msrvtt_ssa_r50_retrieval  # pylint: disable=g-import-not-at-top
+  import retrieval_synthetic_ssa  # pylint: disable=g-import-not-at-top
+  import youcook2_ssa_r50_retrieval  # pylint: disable=g-import-not-at-top
+  for module, frozen in ((retrieval_synthetic_ssa, False), (msrvtt_ssa_r50_retrieval, True),
+                         (youcook2_ssa_r50_retrieval, True)):
+    c = module.get_config()
+    loop.check_config(c)
+    _, _, _, abstract = state_lib.build(c)
+    assert ("video" not in abstract.params) == frozen
+    assert abstract.params["video_proj"]["fc"]["kernel"].shape == (
+        (2048 if frozen else 256), c.retrieval.embed_dim)

@@ -511,7 +511,8 @@ class IndexedSource:
 
 
 def make_train_loader(config, *, seed: int, process_index: int, process_count: int,
-                      with_index: bool = False, mesh=None, caption_encoder=None):
+                      with_index: bool = False, mesh=None, caption_encoder=None,
+                      source=None, transform=None):
   """An infinite iterable of training batches for this process.
 
   `iter(loader)` is a `BatchIterator` with `get_state()`/`set_state()` for an exact
@@ -529,14 +530,16 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   `config.data.decoder='dali'` (which needs the `mesh`), `video` is instead a global
   `jax.Array` decoded on this process's devices and sharded along the mesh's `data` axis
   (`gta_jax.data.dali`); everything else, the state included, is the same. A
-  `caption_encoder` adds a random caption of each video (`TrainTransform`).
+  `caption_encoder` adds a random caption of each video (`TrainTransform`). A `source`
+  and `transform` replace the prepared split and `TrainTransform` (retrieval's
+  cached features of a frozen video network).
   """
   d = config.data
   if check_decoder(d) == "dali" and mesh is None:
     raise ValueError("config.data.decoder='dali' decodes on the mesh's devices: pass "
                      "make_train_loader(..., mesh=mesh).")
   batch = _local_batch(config.batch_size, process_count, "config.batch_size")
-  source = open_source(config, d.train_split)
+  source = open_source(config, d.train_split) if source is None else source
   if with_index:
     source = IndexedSource(source)
   if len(source) < config.batch_size:
@@ -544,7 +547,8 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
                      f"config.batch_size={config.batch_size}.")
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=int(seed)).repeat(None)  # each epoch reshuffled by seed + epoch
-  ds = ds.random_map(TrainTransform(d, with_index, caption_encoder), seed=int(seed))
+  transform = transform or TrainTransform(d, with_index, caption_encoder)
+  ds = ds.random_map(transform, seed=int(seed))
   # Local batches in global order: global batch g is local batches g*P .. g*P + P-1.
   ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
   if d.decoder == "dali":

@@ -1,7 +1,8 @@
 r"""Prepares a dataset into ArrayRecord: `python -m gta_jax.data.prepare`.
 
   python -m gta_jax.data.prepare --dataset=kinetics400 --manual_dir=/data/k400 \
-      --data_dir=./data [--resize_short=256] [--workers=16] [--fold=1]
+      --data_dir=./data [--resize_short=256] [--workers=16] [--fold=1] \
+      [--split_protocol=1k-A]
 
 Re-running on a prepared dataset is a no-op. `--config` (a config file, as train.py
 takes) fills the defaults, so `--config configs/k400_tsm_r50_8f.py` prepares exactly what
@@ -33,7 +34,10 @@ _RESIZE_SHORT = flags.DEFINE_integer("resize_short", None, "Short side of stored
 _WORKERS = flags.DEFINE_integer("workers", None, "Decoding processes (0: one per CPU).")
 _FOLD = flags.DEFINE_integer("fold", None, "ucf101/hmdb51: official split 1, 2 or 3.")
 _FOLDER_NAME = flags.DEFINE_string("folder_name", None,
-                                   "video_folder: name of the prepared copy.")
+                                   "video_folder, captioned_folder: name of the prepared "
+                                   "copy.")
+_SPLIT_PROTOCOL = flags.DEFINE_string("split_protocol", None,
+                                      "msrvtt: '1k-A' (default) or 'official'.")
 
 
 def data_config_from_flags():
@@ -42,7 +46,7 @@ def data_config_from_flags():
   for flag, key in ((_DATASET, "dataset"), (_MANUAL_DIR, "manual_dir"),
                     (_DATA_DIR, "data_dir"), (_RESIZE_SHORT, "resize_short"),
                     (_WORKERS, "prepare_workers"), (_FOLD, "fold"),
-                    (_FOLDER_NAME, "folder_name")):
+                    (_FOLDER_NAME, "folder_name"), (_SPLIT_PROTOCOL, "split_protocol")):
     if flag.value is not None:
       d[key] = flag.value
   return d

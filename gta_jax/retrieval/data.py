@@ -7,16 +7,21 @@
   copy, so that a checkpoint always meets the vocabulary it was trained with.
 * :class:`CaptionEncoder`: captions -> the text fields of a batch (`tokens` and
   `token_mask`, or precomputed `vectors`); picklable, it runs in the input workers.
-* :func:`caption_loader`: every caption of a split once, in batches split across
-  processes like `pipeline.make_eval_loader`'s videos (with `mask` and
-  `video_index`, here the caption's index).
+* :func:`array_loader`: every caption (or cached feature) of a split once, in batches
+  split across processes like `pipeline.make_eval_loader`'s videos (with `mask` and
+  `video_index`, here the row's index).
+* :func:`video_features`: a frozen video network's features, computed once and cached
+  in the run (`WORKDIR/video_features/<split>.npz`), and :func:`make_train_loader`,
+  which trains on them (or on clips).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Optional, Sequence
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -29,6 +34,7 @@ from gta_jax.data.builders import base
 from gta_jax.retrieval import text as text_lib
 
 VOCAB_FILE = "vocab.json"
+FEATURES_DIR = "video_features"  # a frozen video network's cached features
 
 
 def read_captions(config: ml_collections.ConfigDict, split: str) -> list[list[str]]:
@@ -147,8 +153,9 @@ def init_word_vectors(variables, config: ml_collections.ConfigDict):
   return variables
 
 
-class CaptionLoader:
-  """Every caption of a split once, batched and split across processes."""
+class ArrayLoader:
+  """Every row of some arrays once (captions, cached features), batched and split
+  across processes like `pipeline.make_eval_loader`'s videos."""
 
   def __init__(self, fields: dict[str, np.ndarray], batch_size: int, process_index: int,
                process_count: int):
@@ -172,8 +179,112 @@ class CaptionLoader:
       yield batch
 
 
-def caption_loader(captions: Sequence[str], encoder: CaptionEncoder, batch_size: int
-                   ) -> CaptionLoader:
-  """A :class:`CaptionLoader` of `captions` for this process."""
-  return CaptionLoader(encoder.encode(captions), batch_size, jax.process_index(),
-                       jax.process_count())
+def array_loader(fields: dict[str, np.ndarray], batch_size: int) -> ArrayLoader:
+  """An :class:`ArrayLoader` of `fields` for this process."""
+  return ArrayLoader(fields, batch_size, jax.process_index(), jax.process_count())
+
+
+# A frozen video network's features ---------------------------------------------------
+
+
+def video_features(config: ml_collections.ConfigDict, workdir: paths.PathLike, split: str,
+                   mesh) -> np.ndarray:
+  """The frozen video network's pooled features `(N, C)` of a split's videos, in the
+  data source's order: `WORKDIR/video_features/<split>.npz` if it exists, else
+  computed with the eval views of `config.eval` (averaged) and saved there.
+
+  Raises:
+    ValueError: neither `config.init_from` nor `config.model.pretrained` is set (a
+      frozen network of random weights is no encoder).
+  """
+  file = paths.path(workdir) / FEATURES_DIR / f"{split}.npz"
+  if file.exists():
+    with np.load(io.BytesIO(file.read_bytes())) as saved:
+      return saved["features"]
+  features = _compute_features(config, split, mesh)
+  if jax.process_index() == 0:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features)
+    file.write_bytes(buffer.getvalue())
+  return features
+
+
+def _compute_features(config: ml_collections.ConfigDict, split: str, mesh) -> np.ndarray:
+  # pylint: disable=g-import-not-at-top
+  from gta_jax.evaluation import evaluator
+  from gta_jax.models import registry
+  from gta_jax.retrieval import model as model_lib
+  from gta_jax.training import sharding
+  from gta_jax.training import state
+  from gta_jax.training import steps
+  # pylint: enable=g-import-not-at-top
+  if not (config.init_from or config.model.pretrained):
+    raise ValueError("config.retrieval.video_encoder='frozen' needs the network's weights: "
+                     "set config.init_from (a run of this project) or "
+                     "config.model.pretrained (ImageNet weights)")
+  network = registry.build_video_network(config, 0)
+  clip = jax.numpy.zeros(state.input_shape(config), jax.numpy.float32)
+  variables = jax.jit(lambda r: network.init({"params": r}, clip))(jax.random.key(0))
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  variables = model_lib.load_video_weights(jax.device_get(variables), config)
+  variables = sharding.replicate(variables, mesh)
+
+  def features_step(variables, batch):
+    video = batch["video"]
+    b, v = video.shape[:2]
+    pooled = network.apply(variables, steps.prepare_video(
+        video.reshape((b * v,) + video.shape[2:])))
+    return {"features": pooled.reshape(b, v, -1).mean(axis=1), "mask": batch["mask"],
+            "video_index": batch["video_index"]}
+
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  step = jax.jit(features_step, in_shardings=(rep, data), out_shardings=rep)
+  loader = pipeline.make_eval_loader(config, split, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  logging.info("computing the frozen video network's features of the %s split", split)
+  return evaluator.predict(step, variables, loader, mesh, progress=True)["features"]
+
+
+class FeatureSource:
+  """A split's cached features and captions, as a random-access source of videos."""
+
+  def __init__(self, features: np.ndarray, captions: Sequence[Sequence[str]]):
+    if len(features) != len(captions):
+      raise ValueError(f"{len(features)} cached features for {len(captions)} videos: "
+                       f"delete the stale {FEATURES_DIR}/ folder of the run")
+    self.features = features
+    self.captions = captions
+
+  def __len__(self) -> int:
+    return len(self.features)
+
+  def __getitem__(self, i):
+    return {"features": self.features[int(i)], "captions": self.captions[int(i)]}
+
+
+class FeatureTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-method
+  """A cached video -> its features, index and one random caption's text fields."""
+
+  def __init__(self, encoder: CaptionEncoder):
+    self.encoder = encoder
+
+  def random_map(self, element, rng: np.random.Generator):
+    return {"features": element["features"], "video_index": np.int64(element["index"]),
+            **self.encoder.sample(element["captions"], rng)}
+
+
+def make_train_loader(config: ml_collections.ConfigDict, workdir: paths.PathLike, *,
+                      process_index: int, process_count: int, mesh):
+  """Retrieval's training batches: clips (or a frozen network's cached features), the
+  videos' indices and a random caption of each (`pipeline.make_train_loader`)."""
+  encoder = caption_encoder(config, workdir)
+  kwargs = dict(seed=config.seed, process_index=process_index, process_count=process_count,
+                mesh=mesh, with_index=True)
+  if config.retrieval.video_encoder != "frozen":
+    return pipeline.make_train_loader(config, caption_encoder=encoder, **kwargs)
+  split = config.data.train_split
+  source = FeatureSource(video_features(config, workdir, split, mesh),
+                         read_captions(config, split))
+  return pipeline.make_train_loader(config, source=source, transform=FeatureTransform(encoder),
+                                    **kwargs)

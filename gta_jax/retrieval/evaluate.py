@@ -24,6 +24,7 @@ from gta_jax.evaluation import reports
 from gta_jax.models import registry
 from gta_jax.retrieval import data
 from gta_jax.retrieval import metrics
+from gta_jax.retrieval import model as model_lib
 from gta_jax.retrieval import steps
 from gta_jax.training import checkpoint
 from gta_jax.training import sharding
@@ -39,20 +40,29 @@ class Embedder:
     model = registry.build_model(config)
     self.config = config
     self.mesh = mesh
+    self.workdir = workdir
     self.video_step = steps.make_video_step(model, mesh)
     self.text_step = steps.make_text_step(model, mesh)
     self.encoder = data.caption_encoder(config, workdir)
 
   def videos(self, variables, split: str, max_videos: int = 0, progress: bool = False
              ) -> np.ndarray:
-    loader = pipeline.make_eval_loader(self.config, split, process_index=jax.process_index(),
-                                       process_count=jax.process_count(),
-                                       max_videos=max_videos)
+    """The embeddings of a split's videos (an evenly spread subset of `max_videos`)."""
+    if model_lib.is_frozen(self.config):
+      features = data.video_features(self.config, self.workdir, split, self.mesh)
+      if 0 < max_videos < len(features):
+        features = features[pipeline.EvenSubset(features, max_videos).indices]
+      loader = data.array_loader({"features": features}, self.config.eval.batch_size)
+    else:
+      loader = pipeline.make_eval_loader(
+          self.config, split, process_index=jax.process_index(),
+          process_count=jax.process_count(), max_videos=max_videos)
     return evaluator.predict(self.video_step, variables, loader, self.mesh,
                              progress)["features"]
 
   def captions(self, variables, captions) -> np.ndarray:
-    loader = data.caption_loader(captions, self.encoder, self.config.eval.batch_size)
+    """The embeddings of captions."""
+    loader = data.array_loader(self.encoder.encode(captions), self.config.eval.batch_size)
     return evaluator.predict(self.text_step, variables, loader, self.mesh)["features"]
 
 

@@ -4,7 +4,10 @@ Both sides end in a projection to `config.retrieval.embed_dim` with L2 normalisa
 so that a score is a cosine similarity:
 
 * video: any network of the registry (TSN, TSM, GTA, SSA, Non-local, 2D or 3D)
-  without its classifier, its pooled features `(B, C)`;
+  without its classifier, its pooled features `(B, C)`, trained end to end
+  (`retrieval.video_encoder='finetune'`); or, `frozen`, those features computed once
+  by the network with the weights of `config.init_from` / `config.model.pretrained`
+  and cached (`retrieval.frozen`): the model then takes `(B, C)` features;
 * text: word embeddings (learned, or started from a word-vector file) and an encoder
   over the words, `max` (HowTo100M: linear + ReLU per word, max over the words) or
   `transformer` (a small pre-LN transformer, mean over the words); or
@@ -28,6 +31,7 @@ import numpy as np
 
 TEXT_ENCODERS = ("max", "transformer", "precomputed")
 PROJECTIONS = ("gated", "linear")
+VIDEO_ENCODERS = ("finetune", "frozen")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -102,6 +106,15 @@ class TextEncoder(nn.Module):
     return jnp.sum(h * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
+class Features(nn.Module):
+  """The video side of a frozen encoder: its cached features `(B, C)`, as they are."""
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    return features.astype(jnp.float32)
+
+
 class RetrievalModel(nn.Module):
   """Video and text encoders with their projections (see the module docstring).
 
@@ -168,9 +181,32 @@ def build_model(config: ml_collections.ConfigDict) -> RetrievalModel:
                      f"config.text.heads={t.heads}")
   text = TextEncoder(kind, t.vocab_size, t.word_dim, t.hidden_dim, t.max_words, t.layers,
                      t.heads)
-  return RetrievalModel(video=registry.build_video_network(config, 0), text=text,
+  frozen = _choice(r.video_encoder, VIDEO_ENCODERS,
+                   "config.retrieval.video_encoder") == "frozen"
+  video = Features() if frozen else registry.build_video_network(config, 0)
+  return RetrievalModel(video=video, text=text,
                         embed_dim=r.embed_dim, projection=r.projection,
                         temperature_init=r.temperature_init)
+
+
+def is_frozen(config: ml_collections.ConfigDict) -> bool:
+  """Whether the video side is a frozen network's cached features."""
+  return config.retrieval.video_encoder == "frozen"
+
+
+def feature_dim(config: ml_collections.ConfigDict) -> int:
+  """The width of the video network's pooled features."""
+  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
+  m = config.model
+  return m.width * 8 * (4 if registry.DEPTHS[m.depth][1] else 1)
+
+
+def example_video(config: ml_collections.ConfigDict, batch: int = 1) -> jax.Array:
+  """A video-side input of the right shape (for `init`): clips, or frozen features."""
+  from gta_jax.training import state  # pylint: disable=g-import-not-at-top
+  if is_frozen(config):
+    return jnp.zeros((batch, feature_dim(config)), jnp.float32)
+  return jnp.zeros(state.input_shape(config, batch), jnp.float32)
 
 
 def example_text(config: ml_collections.ConfigDict, batch: int = 1) -> Dict[str, Any]:
@@ -181,6 +217,24 @@ def example_text(config: ml_collections.ConfigDict, batch: int = 1) -> Dict[str,
           "token_mask": jnp.ones((batch, config.text.max_words), bool)}
 
 
+def load_video_weights(video_variables, config: ml_collections.ConfigDict):
+  """Host variables of the video network (no classifier) with the weights of
+  `config.model.pretrained` (ImageNet) or `config.init_from` (a classification run,
+  its classifier left out, or a retrieval run's video network)."""
+  from gta_jax.training import finetune  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state  # pylint: disable=g-import-not-at-top
+  if config.init_from and finetune.is_retrieval_run(config.init_from):
+    run_config = config.copy_and_resolve_references()
+    run_config.init_reinit = "|".join(filter(None, (config.init_reinit, "^(?!video/)")))
+    merged = finetune.load_init_from(
+        {k: {"video": v} for k, v in video_variables.items() if v}, run_config)
+    return {k: merged[k]["video"] if k in merged else v for k, v in video_variables.items()}
+  video_config = config.copy_and_resolve_references()
+  video_config.task = "classification"
+  video_config.init_reinit = "|".join(filter(None, (config.init_reinit, "^head/fc/")))
+  return state.load_pretrained(video_variables, video_config)
+
+
 def load_weights(variables, config: ml_collections.ConfigDict):
   """Host `variables` with the weights the config names: the video network's from
   `config.model.pretrained` (ImageNet) or `config.init_from` (a run of this project:
@@ -188,16 +242,13 @@ def load_weights(variables, config: ml_collections.ConfigDict):
   model), and the word embeddings from `config.text.word_vectors`."""
   from gta_jax.retrieval import data  # pylint: disable=g-import-not-at-top
   from gta_jax.training import finetune  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import state  # pylint: disable=g-import-not-at-top
+  if is_frozen(config):  # the network's weights went into the cached features
+    return data.init_word_vectors(variables, config)
   video_only = bool(config.model.pretrained) or bool(
       config.init_from and not finetune.is_retrieval_run(config.init_from))
   if video_only:
-    video_config = config.copy_and_resolve_references()
-    video_config.task = "classification"
-    video_config.init_reinit = "|".join(filter(None, (config.init_reinit, "^head/fc/")))
-    video = state.load_pretrained(
-        {k: dict(variables[k]).get("video", {}) for k in ("params", "batch_stats")},
-        video_config)
+    video = load_video_weights(
+        {k: dict(variables[k]).get("video", {}) for k in ("params", "batch_stats")}, config)
     for k in ("params", "batch_stats"):
       if video[k]:
         variables[k] = dict(variables[k], video=video[k])

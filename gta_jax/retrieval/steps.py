@@ -1,13 +1,15 @@
 """Jitted retrieval steps: training on (clip, caption) pairs, embedding for evaluation.
 
 * :func:`make_train_step` -> `step(state, batch) -> (state, metrics)`, `batch` =
-  `video (B, T, H, W, 3)`, `video_index (B,)` and the caption's text fields
+  `video (B, T, H, W, 3)` (or a frozen network's `features (B, C)`),
+  `video_index (B,)` and the caption's text fields
   (`tokens`, `token_mask` or `vectors`). The batch's other captions are the
   negatives of each clip (pairs of the same video excepted), and the other clips those
   of each caption. `accuracy` is the share of captions whose own clip scores highest.
 * :func:`make_video_step` -> `step(variables, batch)`: `batch['video']` is
   `(B, V, T, H, W, 3)`; `features` is the embedding averaged over the V views,
-  normalised again.
+  normalised again. With a frozen video network the batch holds its cached
+  `features (B, C)` instead.
 * :func:`make_text_step` -> `step(variables, batch)`: `features` is the caption's
   embedding.
 
@@ -35,6 +37,11 @@ def text_fields(batch) -> dict:
   return {k: batch[k] for k in TEXT_KEYS if k in batch}
 
 
+def video_input(batch) -> jax.Array:
+  """A batch's video side: normalised clips, or a frozen network's `features`."""
+  return batch["features"] if "features" in batch else steps.prepare_video(batch["video"])
+
+
 def make_train_step(model: model_lib.RetrievalModel, tx: optax.GradientTransformation, *,
                     loss: str, margin: float,
                     learning_rate_fn: Optional[Callable[[Any], Any]] = None,
@@ -46,7 +53,7 @@ def make_train_step(model: model_lib.RetrievalModel, tx: optax.GradientTransform
   def loss_fn(params, batch_stats, batch, rng):
     (videos, texts, scale), updates = model.apply(
         {"params": params, "batch_stats": batch_stats},
-        steps.prepare_video(batch["video"]), text_fields(batch), train=True,
+        video_input(batch), text_fields(batch), train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
     scores = videos @ texts.T
     index = batch["video_index"]
@@ -71,11 +78,14 @@ def make_video_step(model: model_lib.RetrievalModel, mesh: Optional[Mesh] = None
   """Embeds each video's views and averages them (see the module docstring)."""
 
   def video_step(variables, batch):
+    out = {k: batch[k] for k in PASSED if k in batch}
+    embed = lambda x: model.apply(variables, x, method=model_lib.RetrievalModel.embed_video)
+    if "features" in batch:  # a frozen network's, views averaged already
+      out["features"] = embed(batch["features"])
+      return out
     video = batch["video"]
     b, v = video.shape[:2]
-    clips = steps.prepare_video(video.reshape((b * v,) + video.shape[2:]))
-    emb = model.apply(variables, clips, method=model_lib.RetrievalModel.embed_video)
-    out = {k: batch[k] for k in PASSED if k in batch}
+    emb = embed(steps.prepare_video(video.reshape((b * v,) + video.shape[2:])))
     out["features"] = model_lib.l2_normalize(emb.reshape(b, v, -1).mean(axis=1))
     return out
 

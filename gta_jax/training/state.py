@@ -45,7 +45,7 @@ def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array):
   inputs = (jnp.zeros(input_shape(config), jnp.float32),)
   if is_retrieval(config):
     from gta_jax.retrieval import model as retrieval_model  # pylint: disable=g-import-not-at-top
-    inputs += (retrieval_model.example_text(config),)
+    inputs = (retrieval_model.example_video(config), retrieval_model.example_text(config))
   variables = model.init({"params": rng, "dropout": rng}, *inputs, train=False)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
