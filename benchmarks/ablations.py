@@ -19,29 +19,21 @@ behaviour does not, nor do the settings of a temporal module that the row does n
 use. Stale runs are re-run and left out of the table. The table in
 `docs/ablations.md` is regenerated from every cached run after each run, with the
 verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAIMS`).
+The cache's bookkeeping (recipes, staleness, commands) is `run_cache.py`'s.
 """
 
-import ast
 import json
 import os
-import shlex
-import shutil
-import subprocess
-import sys
-import time
-from typing import Any, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 from absl import app
 from absl import flags
-import flax
 import numpy as np
 import real_videos
+import run_cache
 
-from gta_jax import config_lib
 from gta_jax.data.builders import synthetic_motion
-from gta_jax.models import registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The overrides of a row trained on the folder of benchmarks/real_videos.py; the
 # placeholder becomes --real_videos_dir.
 REAL_VIDEOS = ("data.dataset=video_folder", "data.manual_dir={real_videos}")
@@ -157,12 +149,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "./data", "config.data.data_dir.")
 _REAL_VIDEOS_DIR = flags.DEFINE_string(
     "real_videos_dir", "/tmp/gta_jax_real_videos",
     "The folder of benchmarks/real_videos.py of the real_* rows (written if missing).")
-_RUNS_DIR = flags.DEFINE_string("runs_dir", os.path.join(REPO, "benchmarks",
-                                                         "ablation_runs"),
-                                "Where the per-run JSON files are cached.")
-_DOC = flags.DEFINE_string("doc", os.path.join(REPO, "docs", "ablations.md"),
+_RUNS_DIR = flags.DEFINE_string(
+    "runs_dir", os.path.join(run_cache.REPO, "benchmarks", "ablation_runs"),
+    "Where the per-run JSON files are cached.")
+_DOC = flags.DEFINE_string("doc", os.path.join(run_cache.REPO, "docs", "ablations.md"),
                            "The generated table.")
-_README = flags.DEFINE_string("readme", os.path.join(REPO, "README.md"),
+_README = flags.DEFINE_string("readme", os.path.join(run_cache.REPO, "README.md"),
                               "Its block between the README_BEGIN and README_END "
                               "lines gets the summary table.")
 _FORCE = flags.DEFINE_bool("force", False, "Re-run cached runs.")
@@ -178,64 +170,9 @@ def commands(row: str, seed: int, workdir: str, data_dir: str,
              real_videos_dir: str) -> List[List[str]]:
   """The train and eval commands of one run, as run from the repository root."""
   config, overrides, _ = ROWS[row]
-  flags_ = [f"--config=configs/{config}.py", f"--workdir={workdir}",
-            f"--config.seed={seed}", f"--config.data.data_dir={data_dir}"]
-  flags_ += [f"--config.{o.replace('{real_videos}', real_videos_dir)}"
-             for o in overrides]
-  return [["python", script] + flags_ for script in ("train.py", "eval.py")]
-
-
-# Keys each run sets for itself, left out of its recorded recipe.
-RUN_KEYS = ("seed", "data.data_dir")
-
-
-def _parse_override(value: str, current: Any) -> Any:
-  """An override's text as the type of the value it replaces (as `--config.` does)."""
-  if isinstance(current, bool):
-    if value not in ("True", "False"):
-      raise ValueError(f"expected True or False, got {value!r}")
-    return value == "True"
-  if isinstance(current, (int, float)):
-    return type(current)(value)
-  if isinstance(current, str):
-    return value
-  return ast.literal_eval(value)
-
-
-def recipe(row: str) -> Dict[str, Any]:
-  """The flattened config a row trains with, as JSON values, less :data:`RUN_KEYS`
-  and the sections of temporal modules it does not use (`model.gta.*` of TSN)."""
-  config_name, overrides, _ = ROWS[row]
-  config = config_lib.from_file(os.path.join(REPO, "configs", f"{config_name}.py"))
-  for override in overrides:
-    key, _, value = override.partition("=")
-    current = config
-    for part in key.split("."):
-      current = current[part]
-    config.update_from_flattened_dict({key: _parse_override(value, current)})
-  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-  used = registry.temporal_module_names(config.model)
-  unused = tuple(f"model.{name}." for name in registry.TEMPORAL_MODULES
-                 if name not in used)
-  return json.loads(json.dumps({k: v for k, v in flat.items()
-                                if k not in RUN_KEYS and not k.startswith(unused)}))
-
-
-def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:
-  """The keys whose value in the run's recorded recipe differs from `current`'s;
-  keys only one of them has are not compared (a new key keeps the old behaviour)."""
-  return sorted(k for k, v in run["recipe"].items() if k in current and current[k] != v)
-
-
-def is_current(run: Dict, recipes: Dict[str, Dict[str, Any]]) -> bool:
-  """Whether a cached run still stands for its row: the same overrides and no
-  changed key of the recipe (`recipes` caches :func:`recipe` by row)."""
-  row = run["row"]
-  if row not in ROWS or run["overrides"] != list(ROWS[row][1]):
-    return False
-  if row not in recipes:
-    recipes[row] = recipe(row)
-  return not changed_keys(run, recipes[row])
+  return run_cache.commands(
+      config, [o.replace("{real_videos}", real_videos_dir) for o in overrides], seed,
+      workdir, data_dir)
 
 
 def on_real_videos(row: str) -> bool:
@@ -266,45 +203,14 @@ def run_one(row: str, seed: int) -> Dict:
   cmds = commands(row, seed, workdir, _DATA_DIR.value, _REAL_VIDEOS_DIR.value)
   if on_real_videos(row):
     real_videos.make_folder(_REAL_VIDEOS_DIR.value)
-  shutil.rmtree(workdir, ignore_errors=True)  # train.py would resume from it
-  seconds = []
-  for cmd in cmds:
-    start = time.perf_counter()
-    log = os.path.join(_WORKDIR_ROOT.value, f"{row}_seed{seed}_{cmd[1][:-3]}.log")
-    os.makedirs(_WORKDIR_ROOT.value, exist_ok=True)
-    with open(log, "w") as f:
-      done = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, stdout=f,
-                            stderr=subprocess.STDOUT, check=False)
-    if done.returncode:
-      raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}), see {log}")
-    seconds.append(time.perf_counter() - start)
-  eval_dir = os.path.join(workdir, "eval")
-  summaries = sorted((f for f in os.listdir(eval_dir)
-                      if f.startswith("val_step") and f.endswith(".json")),
-                     key=lambda f: int(f[len("val_step"):-len(".json")]))
-  with open(os.path.join(eval_dir, summaries[-1])) as f:
+  seconds, summary_file = run_cache.train_and_eval(cmds, workdir, _WORKDIR_ROOT.value,
+                                                   f"{row}_seed{seed}")
+  with open(summary_file) as f:
     summary = json.load(f)
-  config, overrides, _ = ROWS[row]
-  return dict(
-      row=row, config=f"configs/{config}.py", overrides=list(overrides), seed=seed,
-      commands=[shlex.join(c) for c in cmds], step=summary["step"],
-      top1=summary["top1"], top5=summary["top5"],
-      per_pair=pair_accuracy(
-          os.path.join(eval_dir, summaries[-1][:-5] + "_predictions.csv"),
-          pairs_of(row)),
-      train_seconds=round(seconds[0], 1), eval_seconds=round(seconds[1], 1),
-      date=time.strftime("%Y-%m-%d %H:%M"), recipe=recipe(row))
-
-
-def load_runs(runs_dir: str) -> Dict[str, List[Dict]]:
-  """The cached runs that are still current (:func:`is_current`), by row."""
-  runs, recipes = {}, {}
-  for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else ():
-    with open(os.path.join(runs_dir, name)) as f:
-      run = json.load(f)
-    if is_current(run, recipes):
-      runs.setdefault(run["row"], []).append(run)
-  return runs
+  return run_cache.run_record(row, ROWS, seed, cmds, seconds, dict(
+      step=summary["step"], top1=summary["top1"], top5=summary["top5"],
+      per_pair=pair_accuracy(summary_file[:-len(".json")] + "_predictions.csv",
+                             pairs_of(row))))
 
 
 def _verdict(runs: Dict[str, List[Dict]], having: str, without: Sequence[str]) -> str:
@@ -326,15 +232,10 @@ def _verdict(runs: Dict[str, List[Dict]], having: str, without: Sequence[str]) -
   return f"{word}: mean top-1 {', '.join(parts)}"
 
 
-def _config_cell(row: str) -> str:
-  config, overrides, _ = ROWS[row]
-  return " ".join([f"`{config}`"] + [f"`{o}`" for o in overrides])
-
-
 def _row_start(row: str, rs: Sequence[Dict]) -> str:
   """A table line's cells up to the top-1 range: name, what, config, mean, min-max."""
   top1 = [r["top1"] for r in rs]
-  return (f"| `{row}` | {ROWS[row][2]} | {_config_cell(row)} | "
+  return (f"| `{row}` | {ROWS[row][2]} | {run_cache.config_cell(*ROWS[row][:2])} | "
           f"**{np.mean(top1):.3f}** | {min(top1):.3f}-{max(top1):.3f} | ")
 
 
@@ -347,16 +248,6 @@ def render_summary(runs: Dict[str, List[Dict]]) -> str:
       rs = sorted(runs[row], key=lambda r: r["seed"])
       lines.append(_row_start(row, rs) + ", ".join(str(r["seed"]) for r in rs) + " |")
   return "\n".join(lines) + "\n"
-
-
-def replace_block(text: str, block: str) -> str:
-  """`text` with the lines between README_BEGIN and README_END set to `block`."""
-  if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
-    raise ValueError(f"the README must hold the lines {README_BEGIN!r} and "
-                     f"{README_END!r} once each")
-  head, rest = text.split(README_BEGIN + "\n")
-  _, tail = rest.split(README_END)
-  return head + README_BEGIN + "\n" + block + README_END + tail
 
 
 def render(runs: Dict[str, List[Dict]]) -> str:
@@ -410,23 +301,20 @@ def render(runs: Dict[str, List[Dict]]) -> str:
     lines += table
   lines += ["", "## Commands", "",
             "Each run's exact commands (the repository root as working directory):", ""]
-  for row in ROWS:
-    for r in sorted(runs.get(row, ()), key=lambda r: r["seed"]):
-      note = f" ({r['note']})" if "note" in r else ""
-      lines.append(f"- `{row}` seed {r['seed']} ({r['date']}): "
-                   + "; ".join(f"`{c}`" for c in r["commands"]) + note)
+  lines += run_cache.command_lines(ROWS, runs)
   return "\n".join(lines) + "\n"
 
 
 def write_doc() -> None:
   """Writes docs/ablations.md and the README's summary from the cached runs."""
-  runs = load_runs(_RUNS_DIR.value)
+  runs = run_cache.load_runs(_RUNS_DIR.value, ROWS)
   with open(_DOC.value, "w") as f:
     f.write(render(runs))
   with open(_README.value) as f:
     readme = f.read()
   with open(_README.value, "w") as f:
-    f.write(replace_block(readme, render_summary(runs)))
+    f.write(run_cache.replace_block(readme, render_summary(runs), README_BEGIN,
+                                    README_END))
 
 
 def main(argv):
@@ -440,14 +328,11 @@ def main(argv):
   for row in _ROWS.value:
     for seed in map(int, _SEEDS.value):
       path = os.path.join(_RUNS_DIR.value, f"{row}_seed{seed}.json")
-      if os.path.exists(path) and not _FORCE.value:
-        with open(path) as f:
-          if is_current(json.load(f), recipes):
-            continue
+      if not _FORCE.value and run_cache.is_cached(path, ROWS, recipes):
+        continue
       print(f"running {row} seed {seed}", flush=True)
       record = run_one(row, seed)
-      with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+      run_cache.save(record, path)
       print(f"{row} seed {seed}: top-1 {record['top1']:.3f}, train "
             f"{record['train_seconds']:.0f} s", flush=True)
       write_doc()

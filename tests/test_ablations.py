@@ -1,4 +1,5 @@
-"""benchmarks/ablations.py's bookkeeping and benchmarks/real_videos.py's folder."""
+"""benchmarks/ablations.py's bookkeeping (with benchmarks/run_cache.py's) and
+benchmarks/real_videos.py's folder."""
 
 import json
 import os
@@ -12,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "benchmarks"))
 import ablations  # pylint: disable=g-import-not-at-top,wrong-import-position
 import real_videos  # pylint: disable=g-import-not-at-top,wrong-import-position
+import run_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from gta_jax.data import video_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -85,11 +87,15 @@ def test_pair_accuracy_counts_each_pair_of_classes(tmp_path):
   assert np.isnan(got["moves_down/moves_up"])  # no videos of that pair
 
 
+def _recipe(row):
+  return run_cache.recipe(*ablations.ROWS[row][:2])
+
+
 def _run(row, seed, top1):
   return dict(row=row, seed=seed, top1=top1, overrides=list(ablations.ROWS[row][1]),
               per_pair={str(i): top1 for i in range(5)}, train_seconds=1.0,
               commands=["python train.py", "python eval.py"], date="today",
-              recipe=ablations.recipe(row))
+              recipe=_recipe(row))
 
 
 @pytest.mark.parametrize("having, without, word", [
@@ -109,7 +115,7 @@ def test_stale_runs_are_left_out_of_the_table(tmp_path):
   stale["overrides"] = ["model.gta.granularity=pixel"]  # not the row's definition
   for run in (fresh, stale):
     (tmp_path / f"{run['row']}_seed0.json").write_text(json.dumps(run))
-  runs = ablations.load_runs(str(tmp_path))
+  runs = run_cache.load_runs(str(tmp_path), ablations.ROWS)
   assert list(runs) == ["gta_pixel"]
   doc = ablations.render(runs)
   assert "| `gta_pixel` |" in doc and "| `gta_region` |" not in doc
@@ -117,19 +123,19 @@ def test_stale_runs_are_left_out_of_the_table(tmp_path):
 
 
 def test_recipe_applies_the_overrides_with_their_types():
-  gta, instance = ablations.recipe("gta"), ablations.recipe("gta_instance")
+  gta, instance = _recipe("gta"), _recipe("gta_instance")
   assert gta["model.temporal_modules"] == "gta"
   assert instance["model.gta.temporal_attention"] == "instance"
   assert {k for k in gta if gta[k] != instance[k]} == {"model.gta.temporal_attention"}
   assert "seed" not in gta and "data.data_dir" not in gta
-  tsn, nl3d = ablations.recipe("tsn"), ablations.recipe("nl3d")
+  tsn, nl3d = _recipe("tsn"), _recipe("nl3d")
   assert not any(k.startswith("model.gta.") for k in tsn)  # a module it does not use
   assert not any(k.startswith("model.gta.") for k in nl3d)
   assert nl3d["model.nl.kind"] == "3d"
-  assert ablations.recipe("gta_res4_res5")["model.gta.placement"] == "res4:0;res5:0"
-  assert ablations.recipe("gta_gate0")["model.gta.gate_init"] == 0.0
-  assert ablations.recipe("gta_region_norm")["model.gta.region_norm"] is True
-  assert ablations.recipe("ssa_one_head")["model.ssa.temporal_heads"] == 1
+  assert _recipe("gta_res4_res5")["model.gta.placement"] == "res4:0;res5:0"
+  assert _recipe("gta_gate0")["model.gta.gate_init"] == 0.0
+  assert _recipe("gta_region_norm")["model.gta.region_norm"] is True
+  assert _recipe("ssa_one_head")["model.ssa.temporal_heads"] == 1
 
 
 def test_runs_of_an_older_recipe_are_stale(tmp_path):
@@ -139,9 +145,9 @@ def test_runs_of_an_older_recipe_are_stale(tmp_path):
   del newer_key["recipe"]["model.gta.pool_keys"]  # a run older than the key
   for run in (older, newer_key, current):
     (tmp_path / f"gta_seed{run['seed']}.json").write_text(json.dumps(run))
-  assert ablations.changed_keys(older, ablations.recipe("gta")) == [
+  assert run_cache.changed_keys(older, _recipe("gta")) == [
       "model.gta.cross_channel"]
-  runs = ablations.load_runs(str(tmp_path))
+  runs = run_cache.load_runs(str(tmp_path), ablations.ROWS)
   assert sorted(r["seed"] for r in runs["gta"]) == [1, 2]
 
 
@@ -152,8 +158,9 @@ def test_readme_block_is_replaced_and_the_rest_kept():
   assert "| `gta` |" in summary and "**0.850** | 0.800-0.900 | 0, 1 |" in summary
   assert "gta_pixel" not in summary
   text = (f"intro\n{ablations.README_BEGIN}\nold table\n{ablations.README_END}\nrest\n")
-  got = ablations.replace_block(text, summary)
+  markers = (ablations.README_BEGIN, ablations.README_END)
+  got = run_cache.replace_block(text, summary, *markers)
   assert got == f"intro\n{ablations.README_BEGIN}\n{summary}{ablations.README_END}\nrest\n"
-  assert ablations.replace_block(got, summary) == got
+  assert run_cache.replace_block(got, summary, *markers) == got
   with pytest.raises(ValueError, match="begin"):
-    ablations.replace_block("no markers", summary)
+    run_cache.replace_block("no markers", summary, *markers)
