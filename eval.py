@@ -1,43 +1,10 @@
-"""Evaluates a checkpoint: `python eval.py --config configs/X.py --workdir DIR`.
+"""`python eval.py` in a clone of the repository: the command `gta_jax.eval`.
 
-Multi-view testing (`config.eval.num_clips` x `config.eval.num_crops` views, softmax
-averaged) of the latest checkpoint (or `--checkpoint_step N`, or `best`) on
-`--split` (default `config.eval.split`). Writes `DIR/eval/<split>_step<N>.json`,
-per-video predictions and a confusion matrix (CSV and PNG); DIR may be a bucket
-(`gs://...`). `config.eval.batch_size` is rounded to a multiple of the device count.
+`python eval.py --help` prints its usage and flags, as `python -m gta_jax.eval --help`
+and `gta-jax-eval --help` do.
 """
 
-import json
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from gta_jax import cli
-from gta_jax import tasks
-from gta_jax.training import writers
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-cli.define_checkpoint_step_flag()
-_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (config.eval.split).")
-cli.define_distributed_flags()
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  step = cli.checkpoint_step()
-  writers.quiet_library_logs()
-  cli.initialize_distributed()
-  summary = tasks.evaluate(_CONFIG.value, _WORKDIR.value, step, _SPLIT.value)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    print(json.dumps(summary))
-    print(f"{summary['split']} step {summary['step']}: {tasks.describe(summary)}", flush=True)
-
+from gta_jax.eval import run
 
 if __name__ == "__main__":
-  cli.run(main)
+  run()

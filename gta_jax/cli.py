@@ -12,6 +12,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from gta_jax import recipes
+
+# The flags the functions below define are the calling command's (its `--help`).
+flags.disclaim_key_flags()
+
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES_ENV = "GTA_JAX_HUGE_PAGES"  # "0" turns `use_huge_pages` off.
 
@@ -69,9 +74,44 @@ def use_huge_pages() -> None:
 
 
 def run(main: Callable[[list], None]) -> None:
-  """`app.run(main)` in a process set up by :func:`use_huge_pages`."""
+  """`app.run(main)` in a process set up by :func:`use_huge_pages`.
+
+  When `main`'s module is not `__main__` (a command started by a wrapper script such
+  as the repository's `train.py`, or by a console script such as `gta-jax-train`),
+  `--help` prints that module's docstring and flags, as it does for `python -m`.
+  """
   use_huge_pages()
+  module = sys.modules[main.__module__]
+  entry = sys.modules["__main__"]
+  if entry is not module:
+    entry.__doc__ = module.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
+
+
+class _RecipeOrFileParser(flags.ArgumentParser):
+  """ml_collections' config file parser, given a recipe's file for a recipe's name."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self._parser = parser
+
+  def parse(self, argument: str):
+    return self._parser.parse(recipes.resolve(argument))
+
+  def flag_type(self) -> str:
+    return self._parser.flag_type()
+
+
+def define_config_flag(help_string: str, lock_config: bool = True) -> flags.FlagHolder:
+  """`--config`: a recipe's name (`synthetic_gta`, see `python -m gta_jax.recipes`) or
+  a config file's path, with `--config.a.b=value` overrides (ml_collections)."""
+  holder = config_flags.DEFINE_config_file(
+      "config", None, f"{help_string} A recipe's name (python -m gta_jax.recipes) or "
+      "a config file's path.", lock_config=lock_config)
+  flag = flags.FLAGS[holder.name]
+  flag.parser = _RecipeOrFileParser(flag.parser)
+  return holder
 
 
 def define_distributed_flags() -> None:
@@ -112,8 +152,7 @@ def define_checkpoint_step_flag() -> None:
 def define_run_flags() -> None:
   """`--config`, `--workdir` and `--checkpoint_step` of the tools that read a training
   run's checkpoint (predict, features, export); both the first are required."""
-  config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
-                                  "trained with.", lock_config=True)
+  define_config_flag("The config the checkpoint was trained with.")
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   define_checkpoint_step_flag()
   flags.mark_flags_as_required(["config", "workdir"])

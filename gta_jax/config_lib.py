@@ -1,9 +1,9 @@
-"""The config schema shared by every recipe in `configs/`.
+"""The config schema shared by every recipe in `gta_jax/recipes/` (`configs/`).
 
 `base_config()` holds every key any part of the project reads, with defaults, so
 that `--config.a.b=value` overrides are type-checked by ml_collections and an unknown
 key is an error. The recipe helpers below fill in the datasets' and papers' values;
-each file in `configs/` is a few lines on top of them.
+each recipe file is a few lines on top of them.
 """
 
 import importlib.util
@@ -15,7 +15,7 @@ from gta_jax.models import registry
 
 
 def from_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file such as `configs/synthetic_gta.py`."""
+  """`get_config()` of a config file such as `gta_jax/recipes/synthetic_gta.py`."""
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"config_{name}", path)
   module = importlib.util.module_from_spec(spec)

@@ -428,8 +428,7 @@ def main(argv: List[str]) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from gta_jax import cli  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, "optional: the recipe to check "
-                                  "the file against", lock_config=True)
+  cli.define_config_flag("Optional: the recipe to check the file against.")
   app.run(main)

@@ -8,9 +8,10 @@ import tempfile
 
 import pytest
 
-# The configs/ folder holds recipe files that tests load by name.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
+from gta_jax import recipes
+
+# Tests import the recipes (gta_jax/recipes/, configs/ in the repository) by name.
+sys.path.insert(0, recipes.DIRECTORY)
 
 # Compilation dominates the suite's time on a 2-core CPU, so the session (this
 # process and, through the environment, every train.py/eval.py/benchmark it starts)

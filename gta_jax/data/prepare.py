@@ -4,9 +4,9 @@ r"""Prepares a dataset into ArrayRecord: `python -m gta_jax.data.prepare`.
       --data_dir=./data [--resize_short=256] [--workers=16] [--fold=1] \
       [--split_protocol=1k-A]
 
-Re-running on a prepared dataset is a no-op. `--config` (a config file, as train.py
-takes) fills the defaults, so `--config configs/k400_tsm_r50_8f.py` prepares exactly what
-that training run will read. docs/data.md gives each dataset's expected layout.
+Re-running on a prepared dataset is a no-op. `--config` (a recipe's name or a config
+file, as train.py takes) fills the defaults, so `--config k400_tsm_r50_8f` prepares exactly
+what that training run will read. docs/data.md gives each dataset's expected layout.
 `--data_dir` may be a bucket (`gs://...`): the dataset is prepared in a local staging
 folder (`$TMPDIR`) and copied up.
 """
@@ -18,15 +18,14 @@ import logging
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from gta_jax import cli
 from gta_jax import config_lib
 from gta_jax import paths
 from gta_jax.data import builders
 from gta_jax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file.",
-                                          lock_config=False)
+_CONFIG = cli.define_config_flag("Optional.", lock_config=False)
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Dataset name.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the official files.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where prepared datasets go.")
