@@ -282,3 +282,26 @@ def test_frozen_features_are_the_classification_networks(tiny_gta_run, tmp_path)
   config.init_from = ""
   with pytest.raises(ValueError, match="needs the network's weights"):
     data.video_features(config, tmp_path / "other", "val", mesh)
+
+
+def test_word_vectors_start_the_embeddings_of_the_vocabulary(tmp_path):
+  """The rows of the vocabulary's words that a GloVe-style file has come from it; the
+  others (and <pad>, <unk>) keep their random initialisation."""
+  config = tiny_config(tmp_path=tmp_path)
+  pipeline.prepare(config.data)
+  words = data.vocabulary(config).words
+  rng = np.random.default_rng(0)
+  given = {w: rng.normal(size=config.text.word_dim).astype(np.float32) for w in words[2:6]}
+  file = tmp_path / "vectors.txt"
+  file.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in given.items())
+                  + f"zzz_not_in_the_vocabulary {' '.join(['1.0'] * config.text.word_dim)}\n")
+  config.text.word_vectors = str(file)
+  mesh = sharding.make_mesh()
+  model, tx, _, _ = state_lib.build(config, mesh)
+  table = np.asarray(jax.device_get(
+      state_lib.initial_state(config, model, tx, mesh).params["text"]["embed"]["embedding"]))
+  for i, word in enumerate(words):
+    if word in given:
+      np.testing.assert_allclose(table[i], given[word], rtol=1e-6)
+    else:
+      assert not np.any([np.allclose(table[i], v) for v in given.values()]), word
