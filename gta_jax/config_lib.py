@@ -100,8 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.temporal_modules = ""  # comma-separated; '' is TSN
   c.model.pretrained = ""  # path to ImageNet weights (.pth, .safetensors, .npz)
   c.model.pretrained_inflation = "mean"  # 2D->3D kernels: 'mean' (I3D) or 'center'
+  # pool1_temporal_stride, pool2: mmaction2's I3D temporal max-pools (`pool1_stride_t`
+  # on the stem's max-pool, `with_pool2` a (2, 1, 1) max-pool after res2).
   c.model.resnet3d = ml_collections.ConfigDict(dict(
-      inflate="res4:all;res5:all", stem_temporal_kernel=1, stem_temporal_stride=1))
+      inflate="res4:all;res5:all", stem_temporal_kernel=1, stem_temporal_stride=1,
+      pool1_temporal_stride=1, pool2=False))
   for name, spec in registry.TEMPORAL_MODULES.items():
     c.model[name] = spec.default_config()
 

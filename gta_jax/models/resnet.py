@@ -285,6 +285,9 @@ class VideoResNet(nn.Module):
     inflated_blocks: `(stage, block)` pairs whose first conv has kt=3 (3D stages).
     stem_temporal_kernel: kt of the stem conv (1 for 2D and SlowOnly; 5 for I3D).
     stem_temporal_stride: temporal stride of the stem conv.
+    pool1_temporal_stride: temporal stride of the stem's max-pool (its temporal
+      kernel is 1: every other frame at 2), as mmaction2's I3D `pool1_stride_t`.
+    pool2: max-pool pairs of frames after res2 (mmaction2's I3D `with_pool2`).
     frame_consensus: TSN average consensus (2D) or clip pooling (3D).
     dropout_rate: dropout before the classifier.
     zero_init_residual: zero-initialise the last BN of each block.
@@ -304,6 +307,8 @@ class VideoResNet(nn.Module):
   inflated_blocks: Tuple[Tuple[int, int], ...] = ()
   stem_temporal_kernel: int = 1
   stem_temporal_stride: int = 1
+  pool1_temporal_stride: int = 1
+  pool2: bool = False
   frame_consensus: bool = True
   dropout_rate: float = 0.0
   zero_init_residual: bool = False
@@ -351,7 +356,7 @@ class VideoResNet(nn.Module):
                     (self.stem_temporal_stride, 2, 2), dtype=self.dtype,
                     name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
-      x = max_pool(x, size=3, stride=2, pad=1)
+      x = max_pool(x, size=3, stride=2, pad=1)[:, ::self.pool1_temporal_stride]
 
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
@@ -364,6 +369,9 @@ class VideoResNet(nn.Module):
             zero_init_residual=self.zero_init_residual,
             dtype=self.dtype,
             name=f"res{stage + 2}_block{block}")(x, train=train)
+      if stage == 0 and self.pool2:  # PyTorch's MaxPool3d((2, 1, 1)): odd T drops one
+        pairs = x[:, :x.shape[1] // 2 * 2]
+        x = jnp.maximum(pairs[:, 0::2], pairs[:, 1::2])
       if not self.is_initializing():
         self.sow(FEATURES, f"res{stage + 2}", jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)))
 
