@@ -1,30 +1,39 @@
-r"""Exports a checkpoint's model with `jax.export`, for serving without this package.
+r"""Exports a checkpoint's model for serving without this package: `jax.export` or ONNX.
 
   python -m gta_jax.export --config configs/X.py --workdir DIR --out model.jaxexport \
       [--platforms cpu,cuda,tpu] [--checkpoint_step latest|best|N] [--config.a.b=value ...]
+  python -m gta_jax.export --format=onnx --config configs/X.py --workdir DIR \
+      --out model.onnx [--onnx_opset 18] [--checkpoint_step ...] [--config.a.b=value ...]
 
-The file holds the inference function with the parameters inside: a normalised clip
+Either file holds the inference function with the parameters inside: a normalised clip
 `(B, T, S, S, 3)` float32 (ImageNet mean/std, channels last, `T = data.num_frames`,
-`S = data.crop_size`; B is symbolic) in, logits `(B, num_classes)` float32 out. It is
-lowered once for every platform of `--platforms` where the model lowers (a platform
-that fails is named and left out; `cpu` must work). The model is traced with the
-platform-neutral kernels (`attention_impl='xla'`, no XLA:CPU-only kernels), so one
-trace serves every platform. Reading it needs only `jax` (and `flatbuffers`):
+`S = data.crop_size`; B is symbolic) in, logits `(B, num_classes)` float32 out. The
+model is traced with the platform-neutral kernels (`attention_impl='xla'`, no
+XLA:CPU-only kernels), so one trace serves every platform.
+
+`--format=jax` (the default) lowers it once for every platform of `--platforms` where
+the model lowers (a platform that fails is named and left out; `cpu` must work).
+Reading it needs only `jax` (and `flatbuffers`):
 
   from jax import export
   exported = export.deserialize(open("model.jaxexport", "rb").read())
   logits = exported.call(clips)          # clips: float32 (B, T, S, S, 3)
 
-Multi-view testing is the caller's: average the softmax over the views of a video.
+`--format=onnx` converts the same function with jax2onnx (input `clips`, output
+`logits`, batch dimension `B`), then runs the file with onnxruntime on random clips
+and prints its largest difference from `model.apply`. It needs the `onnx` extra and
+jax2onnx installed without its requirements (:data:`ONNX_INSTALL`): jax2onnx 0.17.1
+declares `orbax-checkpoint<0.11.37`, which this project's orbax-checkpoint>=0.12.8
+rules out, but it never imports orbax. docs/features.md ("ONNX") has a recipe that
+keeps that install in a second environment.
 
-ONNX is not offered: jax2onnx 0.17.1 converts these models (TSN, TSM, Non-local,
-GTA and SSA, with a symbolic batch, onnxruntime within 5e-8 of `model.apply` on the
-tiny configs), but it declares `orbax-checkpoint<0.11.37`, which cannot be installed
-beside this project's orbax-checkpoint>=0.12.8.
+Multi-view testing is the caller's: average the softmax over the views of a video.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from typing import Sequence, Union
 
@@ -32,6 +41,11 @@ from gta_jax import cli
 from gta_jax import paths
 
 PLATFORMS = ("cpu", "cuda", "tpu")
+FORMATS = ("jax", "onnx")
+JAX2ONNX = "jax2onnx==0.17.1"  # the version tested (tests/test_onnx.py)
+ONNX_INSTALL = f"pip install 'gta_jax[onnx]' && pip install --no-deps {JAX2ONNX}"
+# jax2onnx writes ReduceMean with its axes as an input, which opset 18 introduced.
+MIN_ONNX_OPSET = 18
 
 
 def portable(config):
@@ -40,6 +54,23 @@ def portable(config):
   config.model.attention_impl = "xla"
   config.model.cpu_kernels = False
   return config
+
+
+def inference_function(config, variables):
+  """The portable model's `clips -> logits` with `variables` as constants.
+
+  Returns:
+    `(function, clip_shape)`: the function (not jitted) and the shape of one clip,
+    `(T, S, S, 3)`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = portable(config)
+  model = registry.build_model(config)
+  variables = jax.device_get(variables)
+  _, *clip = state_lib.input_shape(config)
+  return (lambda clips: model.apply(variables, clips, train=False)), tuple(clip)
 
 
 def export_model(config, variables, platforms: Sequence[str] = PLATFORMS):
@@ -60,18 +91,12 @@ def export_model(config, variables, platforms: Sequence[str] = PLATFORMS):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
-  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
-  config = portable(config)
-  model = registry.build_model(config)
-  variables = jax.device_get(variables)
-  infer = jax.jit(lambda clips: model.apply(variables, clips, train=False))
-  batch, *clip = state_lib.input_shape(config)
-  del batch
-  spec = jax.ShapeDtypeStruct(export.symbolic_shape("b") + tuple(clip), jnp.float32)
+  infer, clip = inference_function(config, variables)
+  infer = jax.jit(infer)
+  spec = jax.ShapeDtypeStruct(export.symbolic_shape("b") + clip, jnp.float32)
   lower = lambda platforms: export.export(infer, platforms=tuple(platforms))(spec)
   try:
     return lower(platforms), {}
@@ -91,24 +116,111 @@ def export_model(config, variables, platforms: Sequence[str] = PLATFORMS):
   return lower(working), failures
 
 
+def _import_onnx_tools():
+  """jax2onnx and onnxruntime, or an ImportError that says how to install them."""
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"--format=onnx needs the module {e.name!r}: {ONNX_INSTALL} "
+                      "(docs/features.md, ONNX)") from e
+  return jax2onnx, onnxruntime
+
+
+def _check_opset(opset: int) -> None:
+  if opset < MIN_ONNX_OPSET:
+    raise ValueError(f"onnx_opset must be at least {MIN_ONNX_OPSET}, got {opset}")
+
+
+@contextlib.contextmanager
+def _quiet_converter_logs():
+  """Keeps jax2onnx's and onnx_ir's warnings out of the CLI's output: plugins for
+  libraries not installed (equinox, dm_pix) and value types left unserialised."""
+  loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
+def export_onnx(config, variables, opset: int = MIN_ONNX_OPSET) -> bytes:
+  """ONNX of `clips -> logits` with `variables` as constants (jax2onnx).
+
+  Args:
+    config: the config the variables were trained with.
+    variables: `{'params': ..., 'batch_stats': ...}`.
+    opset: the ONNX opset of the model, at least :data:`MIN_ONNX_OPSET`.
+
+  Returns:
+    The serialised `onnx.ModelProto`: input `clips` float32 `(B, T, S, S, 3)`, output
+    `logits` float32 `(B, num_classes)`, `B` symbolic.
+
+  Raises:
+    ImportError: jax2onnx or onnxruntime is not installed (the message says how).
+    ValueError: `opset` below :data:`MIN_ONNX_OPSET`.
+  """
+  _check_opset(opset)
+  jax2onnx, _ = _import_onnx_tools()
+  infer, clip = inference_function(config, variables)
+  with _quiet_converter_logs():
+    model = jax2onnx.to_onnx(infer, inputs=[("B",) + clip], model_name="gta_jax",
+                             opset=opset, input_names=["clips"], output_names=["logits"])
+  return model.SerializeToString()
+
+
+def onnx_difference(data: bytes, config, variables, batch: int = 2) -> float:
+  """Largest absolute difference between onnxruntime's logits from the ONNX `data` and
+  `model.apply`'s (the config's own kernels), on `batch` normal random clips."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, onnxruntime = _import_onnx_tools()
+  clips = np.random.default_rng(0).normal(
+      size=state_lib.input_shape(config, batch)).astype(np.float32)
+  session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+  (got,) = session.run(["logits"], {"clips": clips})
+  model = registry.build_model(config)
+  want = np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(clips))
+  return float(np.abs(got - want).max())
+
+
 def run(config, workdir: str, out: str, platforms: Sequence[str] = PLATFORMS,
-        step: Union[int, str] = "latest") -> None:
+        step: Union[int, str] = "latest", export_format: str = "jax",
+        onnx_opset: int = MIN_ONNX_OPSET) -> None:
   """Exports checkpoint `step` of `workdir` to the file `out`, and says what it wrote."""
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  if export_format not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {export_format!r}")
+  if export_format == "onnx":  # before the checkpoint is read
+    _check_opset(onnx_opset)
+    _import_onnx_tools()
   mesh = sharding.local_mesh()
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
-  exported, failures = export_model(config, variables, platforms)
-  data = exported.serialize()
+  _, *clip = state_lib.input_shape(config)
+  if export_format == "onnx":
+    data = export_onnx(config, variables, onnx_opset)
+    difference = onnx_difference(data, config, variables)
+    what = (f"ONNX opset {onnx_opset}, input clips float32 (B, {', '.join(map(str, clip))}), "
+            f"output logits (B, {config.model.num_classes}); onnxruntime against "
+            f"model.apply on 2 random clips: max |difference| {difference:.1e}")
+  else:
+    exported, failures = export_model(config, variables, platforms)
+    data = bytes(exported.serialize())
+    for platform, error in failures.items():
+      print(f"warning: not lowered for {platform}: {error}", file=sys.stderr)
+    what = (f"platforms {','.join(exported.platforms)}, input float32 "
+            f"{exported.in_avals[0].shape}, output {exported.out_avals[0].shape}")
   target = paths.path(out)
   target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_bytes(bytes(data))
-  for platform, error in failures.items():
-    print(f"warning: not lowered for {platform}: {error}", file=sys.stderr)
-  shape = exported.in_avals[0].shape
-  print(f"wrote {out} ({len(data) / 2**20:.1f} MiB): step {step}, platforms "
-        f"{','.join(exported.platforms)}, input float32 {shape}, output "
-        f"{exported.out_avals[0].shape}", flush=True)
+  target.write_bytes(data)
+  print(f"wrote {out} ({len(data) / 2**20:.1f} MiB): step {step}, {what}", flush=True)
 
 
 def main(argv):
@@ -121,8 +233,8 @@ def main(argv):
   writers.quiet_library_logs()
   step = cli.checkpoint_step()
   try:
-    run(f.config, f.workdir, f.out, f.platforms, step)
-  except cli.USER_ERRORS as e:
+    run(f.config, f.workdir, f.out, f.platforms, step, f.format, f.onnx_opset)
+  except (*cli.USER_ERRORS, ImportError) as e:
     return cli.report_error(e)
   return 0
 
@@ -130,9 +242,13 @@ def main(argv):
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.define_run_flags()
-  flags.DEFINE_string("out", None, "The file to write (e.g. model.jaxexport).")
-  flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for; those where "
-                    "the model does not lower are left out with a warning.")
+  flags.DEFINE_string("out", None, "The file to write (e.g. model.jaxexport, model.onnx).")
+  flags.DEFINE_enum("format", "jax", FORMATS, "jax: a jax.export file; onnx: an ONNX "
+                    f"model (needs {ONNX_INSTALL}).")
+  flags.DEFINE_list("platforms", list(PLATFORMS), "--format=jax: platforms to lower for; "
+                    "those where the model does not lower are left out with a warning.")
+  flags.DEFINE_integer("onnx_opset", MIN_ONNX_OPSET, "--format=onnx: the ONNX opset, "
+                       f"{MIN_ONNX_OPSET} or above.")
   flags.mark_flag_as_required("out")
 
 
