@@ -1,4 +1,4 @@
-r"""Ablations on the embedded task: trains rows, caches each run, writes docs/ablations.md.
+r"""Ablations on the embedded tasks: trains rows, caches each run, writes docs/ablations.md.
 
     python benchmarks/ablations.py --rows=gta,tsn --seeds=0,1 \
         [--workdir_root=/tmp/ablations] [--data_dir=./data]
@@ -6,7 +6,8 @@ r"""Ablations on the embedded task: trains rows, caches each run, writes docs/ab
 
 Each row is a config of `configs/` with `--config.` overrides, trained and evaluated
 with the README's commands (`train.py` then `eval.py`, 600 steps of the synthetic
-recipe), one run at a time, once per seed (`--config.seed`). Every finished run is
+recipe; `synthetic_long_*` configs for the rows `long_*` of the second task,
+`synthetic_long`), one run at a time, once per seed (`--config.seed`). Every finished run is
 cached as a small JSON in `benchmarks/ablation_runs/<row>_seed<N>.json`: the config,
 overrides, seed, both commands, val top-1 / top-5, the accuracy on each reversed pair
 of classes, the train and eval wall times, the resolved config (`recipe`: flattened,
@@ -18,7 +19,9 @@ runs it invalidates, while a key added later with a value that keeps the old
 behaviour does not, nor do the settings of a temporal module that the row does not
 use. Stale runs are re-run and left out of the table. The table in
 `docs/ablations.md` is regenerated from every cached run after each run, with the
-verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAIMS`).
+verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAIMS`),
+on each task; the hand-written design of the second task (between :data:`DESIGN_BEGIN`
+and :data:`DESIGN_END`) is kept as it is in the page.
 The cache's bookkeeping (recipes, staleness, commands) is `run_cache.py`'s.
 """
 
@@ -32,6 +35,7 @@ import numpy as np
 import real_videos
 import run_cache
 
+from gta_jax.data.builders import synthetic_long
 from gta_jax.data.builders import synthetic_motion
 
 # The overrides of a row trained on the folder of benchmarks/real_videos.py; the
@@ -39,6 +43,9 @@ from gta_jax.data.builders import synthetic_motion
 REAL_VIDEOS = ("data.dataset=video_folder", "data.manual_dir={real_videos}")
 # GTA's placement in the synthetic recipe until 2026-12-01.
 RES3_RES4 = "model.gta.placement=res3:0;res4:0"
+# The 3D Non-local at GTA's place, and its temporal position encoding.
+NL3D = ("model.nl.kind=3d", "model.nl.placement=res4:0")
+POSITION = "model.nl.temporal_position=learned"
 
 # name: (config file, overrides, what the row changes). The GTA rows change one
 # switch of configs/synthetic_gta.py each.
@@ -58,8 +65,9 @@ ROWS = {
                    "GTA, region branch only"),
     "gta_cross_channel": ("synthetic_gta", ("model.gta.cross_channel=True",),
                           "GTA, the paper's cross-channel heads"),
-    "nl3d": ("synthetic_nl", ("model.nl.kind=3d", "model.nl.placement=res4:0"),
-             "joint space-time (3D) Non-local at GTA's place"),
+    "nl3d": ("synthetic_nl", NL3D, "joint space-time (3D) Non-local at GTA's place"),
+    "nl3d_position": ("synthetic_nl", NL3D + (POSITION,),
+                      "3D Non-local at GTA's place, learned temporal position encoding"),
     "tsm_gta": ("synthetic_tsm_gta", (), "GTA on a TSM backbone"),
     "real_gta": ("synthetic_gta", REAL_VIDEOS,
                  "GTA alone on real H.264 files (`benchmarks/real_videos.py`)"),
@@ -128,12 +136,23 @@ ROWS["r34_nl3d"] = ("synthetic_nl", ("model.nl.kind=3d",
                                      "model.nl.placement=res3:0;res4:0"),
                     "joint space-time (3D) Non-local after res3 and res4")
 
-# The abstract's claims: (claim, row that has it, rows without it, caveat).
+# The tasks: (dataset, prefix of its rows, its reversed pairs of classes). The rows
+# of the second task, `long_<row>`, are today's rows on the `synthetic_long_*` configs.
+TASKS = (("synthetic_motion", "", synthetic_motion.PAIRS),
+         ("synthetic_long", "long_", synthetic_long.PAIRS))
+# The rows the issue asks of every task, in the order they are worth running.
+TABLE_ROWS = ("tsn", "tsm", "gta", "ssa", "nl3d_position", "nl3d", "gta_instance",
+              "gta_pixel", "gta_region", "gta_cross_channel")
+ROWS.update({f"long_{row}": (ROWS[row][0].replace("synthetic_", "synthetic_long_", 1),
+                             *ROWS[row][1:]) for row in TABLE_ROWS})
+
+# The abstract's claims: (claim, row that has it, rows without it, caveat); on the
+# second task the rows `long_<row>`.
 CLAIMS = (
     ("temporal attention decoupled from (on top of) spatial attention",
-     "gta", ("nl3d",),
-     "the 3D Non-local has no positional encoding, so it is blind to frame order "
-     "as well: this pair cannot tell decoupling from the global matrix"),
+     "gta", ("nl3d_position",),
+     "against the 3D Non-local with a learned temporal position encoding, which sees "
+     "frame order as GTA does (`nl3d`, without it, is blind to order)"),
     ("a learned global attention matrix shared by all samples", "gta",
      ("gta_instance",), ""),
     ("cross-channel multi-head", "gta_cross_channel", ("gta",), ""),
@@ -175,6 +194,11 @@ def commands(row: str, seed: int, workdir: str, data_dir: str,
       workdir, data_dir)
 
 
+def task_of(row: str) -> str:
+  """The embedded task a row's config trains on (real-video rows: synthetic_motion's)."""
+  return "synthetic_long" if ROWS[row][0].startswith("synthetic_long") else "synthetic_motion"
+
+
 def on_real_videos(row: str) -> bool:
   """Whether a row trains on the folder of benchmarks/real_videos.py."""
   return ROWS[row][1][:len(REAL_VIDEOS)] == REAL_VIDEOS
@@ -182,7 +206,9 @@ def on_real_videos(row: str) -> bool:
 
 def pairs_of(row: str) -> Sequence[Sequence[str]]:
   """The reversed pairs of classes of the dataset a row trains on."""
-  return real_videos.PAIRS if on_real_videos(row) else synthetic_motion.PAIRS
+  if on_real_videos(row):
+    return real_videos.PAIRS
+  return {name: pairs for name, _, pairs in TASKS}[task_of(row)]
 
 
 def pair_accuracy(predictions_csv: str,
@@ -250,16 +276,66 @@ def render_summary(runs: Dict[str, List[Dict]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def render(runs: Dict[str, List[Dict]]) -> str:
-  """docs/ablations.md from the cached runs."""
+DESIGN_BEGIN = ("<!-- hand-written: the design of synthetic_long (kept as is by "
+                "benchmarks/ablations.py) -->")
+DESIGN_END = "<!-- end of the hand-written design -->"
+
+
+def design_block(doc: str) -> str:
+  """The hand-written design in the text `doc` of the page, markers included ('' if
+  it has none)."""
+  if DESIGN_BEGIN not in doc or DESIGN_END not in doc:
+    return ""
+  return doc[doc.index(DESIGN_BEGIN):doc.index(DESIGN_END) + len(DESIGN_END)] + "\n"
+
+
+def _table(runs: Dict[str, List[Dict]], rows: Sequence[str],
+           pairs: Sequence[Sequence[str]]) -> List[str]:
+  """The table of the `rows` that have runs, with a column per pair of `pairs`."""
+  table = []
+  for row in rows:
+    rs = sorted(runs[row], key=lambda r: r["seed"])
+    means = np.mean([list(r["per_pair"].values()) for r in rs], axis=0)
+    table.append(
+        _row_start(row, rs)
+        + " | ".join(f"{p:.2f}" for p in means)
+        + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} s | "
+        + ", ".join(str(r["seed"]) for r in rs) + " |")
+  if not table:
+    return []
+  short = [first.replace("moving_", "").replace("rotating_", "") for first, _ in pairs]
+  return (["| row | what | config, overrides | top-1 mean | min-max | "
+           + " | ".join(f"{s}/rev." for s in short) + " | train time | seeds |",
+           "| --- " * (7 + len(short)) + "|"] + table)
+
+
+def not_run(runs: Dict[str, List[Dict]], seeds: Sequence[int] = (0, 1)) -> List[str]:
+  """A line per row of :data:`TABLE_ROWS` (on every task) that lacks one of `seeds`,
+  with the command that runs what is missing."""
+  lines = []
+  for _, prefix, _ in TASKS:
+    for row in (prefix + r for r in TABLE_ROWS):
+      missing = [s for s in seeds if s not in {r["seed"] for r in runs.get(row, ())}]
+      if missing:
+        which = ",".join(map(str, missing))
+        lines.append(f"- `{row}`, seed{'s' * (len(missing) > 1)} {which}: "
+                     f"`python benchmarks/ablations.py --rows={row} --seeds={which}`")
+  return lines
+
+
+def render(runs: Dict[str, List[Dict]], design: str = "") -> str:
+  """docs/ablations.md from the cached runs and the hand-written `design` block."""
   lines = [
-      "# Ablations on the embedded task",
+      "# Ablations on the embedded tasks",
       "",
       "Generated by `python benchmarks/ablations.py` from the runs cached in",
-      "`benchmarks/ablation_runs/`; do not edit by hand. Each row is `train.py` then",
-      "`eval.py` of a config of `configs/` with the listed `--config.` overrides (600",
-      "steps of 16 clips, AdamW), once per seed; val top-1 on the 250 validation videos",
-      "(1 clip x centre crop), the mean and the range over seeds. Pair accuracy: the",
+      "`benchmarks/ablation_runs/`; do not edit by hand, except the design of the",
+      "second task between its two marker lines. Each row is `train.py` then",
+      "`eval.py` of a config of `configs/` with the listed `--config.` overrides, once",
+      "per seed; val top-1 (1 clip x centre crop), the mean and the range over seeds.",
+      "On `synthetic_motion`: 600 steps of 16 8-frame clips, AdamW, 250 validation",
+      "videos; on `synthetic_long` (rows `long_*`, the `synthetic_long_*` configs):",
+      "600 steps of 8 20-frame clips, 200 validation videos. Pair accuracy: the",
       "accuracy on the 50 videos of each pair of classes that are each other's reverse",
       "in time (a model blind to frame order gets about 0.5 at best). The `real_*` rows",
       "train on the folder of `benchmarks/real_videos.py` instead: H.264 files of a",
@@ -269,47 +345,45 @@ def render(runs: Dict[str, List[Dict]]) -> str:
       "Train time: the wall time of `train.py` (compilation and data included) on a",
       "2-core CPU shared with other jobs, so only a rough guide.",
       "",
-      "## The GTA abstract's claims on this task",
-      "",
-      "A claim is *supported* when every seed of the row that has the feature beats",
-      "every seed of the rows without it, *not supported* when its mean is not higher,",
-      "*inconclusive* otherwise.",
-      "",
   ]
-  for claim, having, without, caveat in CLAIMS:
-    lines.append(f"- {claim}: {_verdict(runs, having, without)}"
-                 + (f"; {caveat}." if caveat else "."))
-  table = []
-  for row in ROWS:
-    if row not in runs:
-      continue
-    rs = sorted(runs[row], key=lambda r: r["seed"])
-    pairs = np.mean([list(r["per_pair"].values()) for r in rs], axis=0)
-    table.append(
-        _row_start(row, rs)
-        + " | ".join(f"{p:.2f}" for p in pairs)
-        + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} s | "
-        + ", ".join(str(r["seed"]) for r in rs) + " |")
-  lines += ["", "## Rows", ""]
-  if table:
-    short = [first.replace("moving_", "").replace("rotating_", "")
-             for first, _ in synthetic_motion.PAIRS]
-    lines.append("| row | what | config, overrides | top-1 mean | min-max | "
-                 + " | ".join(f"{s}/rev." for s in short)
-                 + " | train time | seeds |")
-    lines.append("| --- " * (7 + len(short)) + "|")
-    lines += table
-  lines += ["", "## Commands", "",
+  if design:
+    lines += design.splitlines() + [""]
+  for task, prefix, pairs in TASKS:
+    lines += [
+        f"## The GTA abstract's claims on `{task}`",
+        "",
+        "A claim is *supported* when every seed of the row that has the feature beats",
+        "every seed of the rows without it, *not supported* when its mean is not higher,",
+        "*inconclusive* otherwise.",
+        "",
+    ]
+    for claim, having, without, caveat in CLAIMS:
+      verdict = _verdict(runs, prefix + having, [prefix + r for r in without])
+      lines.append(f"- {claim}: {verdict}" + (f"; {caveat}." if caveat else "."))
+    rows = [r for r in ROWS if r in runs and task_of(r) == task]
+    lines += ["", f"## Rows on `{task}`", ""] + _table(runs, rows, pairs)
+    lines.append("")
+  missing = not_run(runs)
+  if missing:
+    lines += ["## Not yet run", "",
+              "Rows the table should have, two seeds each, that have no current run:",
+              ""] + missing + [""]
+  lines += ["## Commands", "",
             "Each run's exact commands (the repository root as working directory):", ""]
   lines += run_cache.command_lines(ROWS, runs)
   return "\n".join(lines) + "\n"
 
 
 def write_doc() -> None:
-  """Writes docs/ablations.md and the README's summary from the cached runs."""
+  """Writes docs/ablations.md (keeping its design block) and the README's summary from
+  the cached runs."""
   runs = run_cache.load_runs(_RUNS_DIR.value, ROWS)
+  design = ""
+  if os.path.exists(_DOC.value):
+    with open(_DOC.value) as f:
+      design = design_block(f.read())
   with open(_DOC.value, "w") as f:
-    f.write(render(runs))
+    f.write(render(runs, design))
   with open(_README.value) as f:
     readme = f.read()
   with open(_README.value, "w") as f:

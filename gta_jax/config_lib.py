@@ -234,6 +234,24 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   return c
 
 
+def synthetic_long_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
+  """`synthetic_config` on the second embedded task, `synthetic_long`.
+
+  Long-range order and relations between objects (docs/ablations.md has the design):
+  20-frame clips, every frame sampled, 8 classes; 8 clips a step (160 frames, about
+  today's 128) at the same learning rate per step, 600 steps.
+  """
+  c = synthetic_config(temporal_modules)
+  c.data.dataset = "synthetic_long"
+  c.data.synthetic.num_frames = 20
+  c.data.num_frames = 20
+  c.model.num_classes = 8
+  c.batch_size = 8
+  c.optim.lr_batch_size = 8
+  c.eval.batch_size = 20
+  return c
+
+
 def tsm_recipe(c: ml_collections.ConfigDict, epochs: float) -> None:
   """TSM's recipe (Lin et al.): SGD 0.9, lr 0.01 per 64 clips, cosine, dropout 0.5,
   grad-norm clip 20, fc lr x5. Weight decay is set by the dataset helpers."""

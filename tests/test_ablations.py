@@ -164,3 +164,25 @@ def test_readme_block_is_replaced_and_the_rest_kept():
   assert run_cache.replace_block(got, summary, *markers) == got
   with pytest.raises(ValueError, match="begin"):
     run_cache.replace_block("no markers", summary, *markers)
+
+
+def test_long_rows_are_the_rows_on_the_second_task():
+  assert ablations.ROWS["long_gta"][0] == "synthetic_long_gta"
+  assert ablations.ROWS["long_nl3d_position"][1] == ablations.ROWS["nl3d_position"][1]
+  assert _recipe("long_gta")["data.dataset"] == "synthetic_long"
+  assert _recipe("long_nl3d_position")["model.nl.temporal_position"] == "learned"
+  assert ablations.pairs_of("long_tsn") == ablations.synthetic_long.PAIRS
+  assert ablations.pairs_of("tsn") == ablations.synthetic_motion.PAIRS
+
+
+def test_the_page_keeps_its_design_and_lists_what_is_not_run():
+  design = f"{ablations.DESIGN_BEGIN}\n## Design\ntext\n{ablations.DESIGN_END}\n"
+  page = ablations.render({}, design)
+  assert ablations.design_block(f"before\n{page}after") == design
+  assert ablations.design_block("no design") == ""
+  runs = {"long_gta": [_run("long_gta", 0, 0.9)]}
+  page = ablations.render(runs, design)
+  assert "## Rows on `synthetic_long`" in page and "| `long_gta` |" in page
+  assert ("- `long_gta`, seed 1: `python benchmarks/ablations.py --rows=long_gta "
+          "--seeds=1`") in page
+  assert "- `long_tsn`, seeds 0,1:" in page and "- `gta`, seeds 0,1:" in page

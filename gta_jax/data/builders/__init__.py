@@ -8,6 +8,7 @@ import importlib
 BUILDERS = {
     "synthetic_motion": ("synthetic_motion", "SyntheticMotion", False),
     "synthetic_captions": ("synthetic_captions", "SyntheticCaptions", False),
+    "synthetic_long": ("synthetic_long", "SyntheticLong", False),
     "video_folder": ("video_folder", "VideoFolder", True),
     "kinetics400": ("manual", "Kinetics400", True),
     "something_something_v2": ("manual", "SomethingSomethingV2", True),
@@ -38,7 +39,7 @@ def builder_params(data_config, *, num_workers: int = 0) -> tuple[type, dict]:
   cls = builder_class(name)
   params = dict(data_dir=data_config.data_dir, jpeg_quality=data_config.jpeg_quality,
                 resize_short=data_config.resize_short, num_workers=num_workers)
-  if name in ("synthetic_motion", "synthetic_captions"):
+  if name in ("synthetic_motion", "synthetic_captions", "synthetic_long"):
     params.update(data_config.synthetic.to_dict())
   else:
     params["manual_dir"] = data_config.manual_dir

@@ -102,7 +102,7 @@ def parse_caption(text: str) -> dict[str, str]:
     if any(p in text for p in phrases):
       out["motion"] = label
   words = set(re.findall(r"[\w']+", text))
-  for key, names in (("shape", sm._SHAPES + ("bar",)), ("colour", tuple(COLOURS)),  # pylint: disable=protected-access
+  for key, names in (("shape", sm.SHAPES + ("bar",)), ("colour", tuple(COLOURS)),
                      ("size", SIZES)):
     found = [n for n in names if n in words]
     if found:

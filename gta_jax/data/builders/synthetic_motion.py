@@ -32,12 +32,13 @@ PAIRS = (("moving_right", "moving_left"), ("moving_down", "moving_up"),
 CLASS_NAMES = tuple(name for pair in PAIRS for name in pair)
 SPLITS = ("train", "val")
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel drawing
-_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 _BAR_HALF_ANGLE = 0.17  # the bar's corners seen from its centre: about 1:6 wide
 
 
-def _draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: float,
-          colour) -> None:
+def draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: float,
+         colour) -> None:
+  """Draws a filled `shape` of radius `r` centred at `(cx, cy)` into `img`, sub-pixel."""
   s = 1 << _SHIFT
   if shape == "circle":
     cv2.circle(img, (int(cx * s), int(cy * s)), max(int(r * s), 1), colour, -1, cv2.LINE_AA,
@@ -64,7 +65,7 @@ def _draw(img: np.ndarray, shape: str, cx: float, cy: float, r: float, angle: fl
   cv2.fillPoly(img, [np.round(pts * s).astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   """A smooth random texture around a random base colour."""
   base_colour = rng.uniform(40, 215, size=3)
   grid = rng.normal(0, rng.uniform(6, 20), size=(int(rng.integers(2, 6)),
@@ -73,7 +74,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   return np.clip(base_colour + tex, 0, 255).astype(np.float32)
 
 
-def _contrasting(rng: np.random.Generator, bg: np.ndarray):
+def contrasting(rng: np.random.Generator, bg: np.ndarray):
+  """A random colour far (L1 > 150) from the background's mean."""
   mean = bg.reshape(-1, 3).mean(0)
   while True:
     c = rng.uniform(0, 255, size=3)
@@ -86,7 +88,7 @@ class Scene:
   """What a video's frames show, besides its motion (the words of its captions).
 
   Attributes:
-    shape: one of `_SHAPES`, or `bar` (the rotation pair's object).
+    shape: one of `SHAPES`, or `bar` (the rotation pair's object).
     colour: the object's RGB colour, 0-255.
     size: where the object's size lies in its pair's range, 0 (smallest) to 1.
     position: the object's centre in the middle frame, `(x / W, y / H)` (the same in
@@ -108,9 +110,9 @@ def render_scene(pair: int, num_frames: int, height: int, width: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, Scene]:
   """:func:`render_video`'s frames and the :class:`Scene` they show (same draws)."""
   n, h, w = num_frames, height, width
-  bg = _background(rng, h, w)
-  shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
-  colour = _contrasting(rng, bg)
+  bg = background(rng, h, w)
+  shape = SHAPES[int(rng.integers(len(SHAPES)))]
+  colour = contrasting(rng, bg)
   short = min(h, w)
   size = rng.uniform(0.13, 0.2)
   r = size * short  # object radius
@@ -154,7 +156,7 @@ def render_scene(pair: int, num_frames: int, height: int, width: int,
   noise = rng.uniform(2.0, 5.0)
   frames = np.repeat(bg[None], n, axis=0)
   for t in range(n):
-    _draw(frames[t], shape, xs[t], ys[t], r * scale[t], angle0 + turn[t], colour)
+    draw(frames[t], shape, xs[t], ys[t], r * scale[t], angle0 + turn[t], colour)
   a = alpha.astype(np.float32)[:, None, None, None]
   frames = a * frames + (1.0 - a) * bg
   frames += np.float32(noise) * rng.standard_normal(frames.shape, dtype=np.float32)
@@ -174,9 +176,16 @@ def make_video(label: int, num_frames: int, height: int, width: int,
 
 class SyntheticMotion(base.VideoBuilder, skip_registration=True):
   """The embedded dataset. Prepared in seconds; `resize_short` does not apply (frames are
-  rendered at `height x width`)."""
+  rendered at `height x width`).
+
+  A variant (`synthetic_long`) subclasses it with its own `name`, `VERSION`,
+  `CLASS_NAMES`, `MIN_FRAMES` and `make_video(label, num_frames, height, width, rng)`.
+  """
 
   name = "synthetic_motion"
+  CLASS_NAMES = CLASS_NAMES
+  MIN_FRAMES = 1
+  make_video = staticmethod(make_video)
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
       "1.0.0": "Orbit for pair 3, object spin and a static distractor as nuisances.",
@@ -190,9 +199,11 @@ class SyntheticMotion(base.VideoBuilder, skip_registration=True):
     del unused  # resize_short, num_workers, ...: not used here
     self.per_class = {"train": int(train_per_class), "val": int(val_per_class)}
     self.frames, self.height, self.width = int(num_frames), int(height), int(width)
-    if min(self.per_class.values()) < 1 or self.frames < 1 or min(height, width) < 8:
-      raise ValueError("synthetic_motion needs >= 1 video per class, >= 1 frame and frames "
-                       f"of at least 8x8, got {self.per_class}, {num_frames}, {height}x{width}.")
+    if (min(self.per_class.values()) < 1 or self.frames < self.MIN_FRAMES
+        or min(height, width) < 8):
+      raise ValueError(f"{self.name} needs >= 1 video per class, >= {self.MIN_FRAMES} "
+                       f"frames (config.data.synthetic.num_frames) and frames of at least "
+                       f"8x8, got {self.per_class}, {num_frames}, {height}x{width}.")
     self.seed = int(seed)
     super().__init__(data_dir=data_dir, resize_short=0, jpeg_quality=jpeg_quality,
                      train_per_class=train_per_class, val_per_class=val_per_class,
@@ -206,7 +217,7 @@ class SyntheticMotion(base.VideoBuilder, skip_registration=True):
             f"seed{seed}")
 
   def class_names(self) -> tuple[str, ...]:
-    return CLASS_NAMES
+    return self.CLASS_NAMES
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -214,11 +225,11 @@ class SyntheticMotion(base.VideoBuilder, skip_registration=True):
 
   def _generate_synthetic(self, split: str):
     split_id = SPLITS.index(split)
-    for label in range(len(CLASS_NAMES)):
+    for label in range(len(self.CLASS_NAMES)):
       for i in range(self.per_class[split]):
         index = label * self.per_class[split] + i
         rng = np.random.default_rng([self.seed, split_id, index])
-        video = make_video(label, self.frames, self.height, self.width, rng)
+        video = self.make_video(label, self.frames, self.height, self.width, rng)
         frames = [transforms.encode_jpeg(f, self.jpeg_quality) for f in video]
         yield index, {"frames": np.array(frames, dtype=object), "num_frames": len(frames),
-                      "label": label, "video_id": f"{split}/{CLASS_NAMES[label]}/{i:05d}"}
+                      "label": label, "video_id": f"{split}/{self.CLASS_NAMES[label]}/{i:05d}"}

@@ -1,0 +1,12 @@
+"""synthetic_long_nl: Non-local blocks on the second embedded task (the ablation
+rows set their kind, placement and temporal position).
+
+`synthetic_long` (long-range order, relations between objects): see
+`gta_jax.config_lib.synthetic_long_config` and docs/ablations.md.
+"""
+
+from gta_jax import config_lib
+
+
+def get_config():
+  return config_lib.synthetic_long_config('nl')

@@ -1,0 +1,90 @@
+"""The second embedded dataset, `synthetic_long`: its pairs, its events, its seeds."""
+
+import cv2
+import numpy as np
+import pytest
+
+from gta_jax.data.builders import synthetic_long as sl
+
+N, H, W = 20, 40, 48
+
+
+def _object_pixels(video: np.ndarray) -> np.ndarray:
+  """Per frame, the pixels far from the clip's temporal median (the background, which
+  does not move in the event pairs): `(n, H, W)` booleans."""
+  frames = video.astype(np.float64)
+  background = np.median(frames, axis=0)
+  return np.abs(frames - background).sum(-1) > 60
+
+
+def _events(video: np.ndarray, pair: int) -> tuple[int, int]:
+  """The frames of the first and second kind of event of `pair`, read off the pixels."""
+  mask = _object_pixels(video)
+  area = mask.sum((1, 2))
+  if pair == 0:  # flash: the brightest frame; blink: the frame without the object
+    flash = int(np.argmax(video.reshape(len(video), -1).mean(1)))
+    others = [t for t in range(len(video)) if t != flash]
+    return flash, others[int(np.argmin(area[others]))]
+  colour = np.array([video[t][mask[t]].mean(0) for t in range(len(video))])
+  typical = np.median(colour, axis=0)
+  return int(np.argmax(area)), int(np.argmax(np.abs(colour - typical).sum(1)))
+
+
+@pytest.mark.parametrize("pair", sl.EVENT_PAIRS)
+def test_events_are_half_a_clip_apart_and_away_from_the_ends(pair):
+  for i in range(6):
+    video, (a, b) = sl.render_events(pair, N, H, W, np.random.default_rng([7, pair, i]))
+    assert _events(video, pair) == (a, b)  # seen in the pixels, in that order
+    assert b - a >= N / 2
+    assert a >= sl.MARGIN and b <= N - 1 - sl.MARGIN
+    # The second class of the pair shows the second kind of event first.
+    reverse = sl.make_video(2 * pair + 1, N, H, W, np.random.default_rng([7, pair, i]))
+    first_kind, second_kind = _events(reverse, pair)
+    assert (first_kind, second_kind) == (N - 1 - a, N - 1 - b)
+    assert second_kind < first_kind
+
+
+def test_event_times_have_the_same_law_forwards_and_backwards():
+  rng = np.random.default_rng(0)
+  times = [sl.event_times(N, rng) for _ in range(3000)]
+  forward = {t: times.count(t) for t in set(times)}
+  backward = {(N - 1 - b, N - 1 - a): c for (a, b), c in forward.items()}
+  assert set(forward) == set(backward)
+  for t, count in forward.items():
+    assert abs(count - backward[t]) < 0.15 * count + 30
+
+
+@pytest.mark.parametrize("label", range(len(sl.CLASS_NAMES)))
+def test_the_second_class_of_a_pair_is_the_first_played_backwards(label):
+  forward = sl.make_video(label - label % 2, N, H, W, np.random.default_rng([3, label]))
+  video = sl.make_video(label, N, H, W, np.random.default_rng([3, label]))
+  assert video.shape == (N, H, W, 3) and video.dtype == np.uint8
+  np.testing.assert_array_equal(video, forward[::-1] if label % 2 else forward)
+
+
+def test_the_relation_pairs_drift_the_whole_scene():
+  """The scene of `approaching` videos drifts by 0.25-0.4 of the width, as the
+  background's shift between frames (phase correlation) shows."""
+  for i in range(4):
+    video, drift = sl.render_relation(2, N, H, W, np.random.default_rng([5, i]))
+    assert 0.25 * W - 1e-6 <= np.hypot(*(drift[-1] - drift[0])) <= 0.4 * W + 1e-6
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float64) for f in video]
+    seen = np.sum([cv2.phaseCorrelate(a, b)[0] for a, b in zip(gray[:-1], gray[1:])], 0)
+    np.testing.assert_allclose(seen, drift[-1] - drift[0], atol=0.1 * W)
+
+
+def test_the_builder_is_deterministic_by_seed(tmp_path):
+  def first_videos(seed):
+    builder = sl.SyntheticLong(data_dir=str(tmp_path), train_per_class=1,
+                               val_per_class=1, num_frames=N, seed=seed)
+    return [(k, v["label"], list(v["frames"])) for k, v in
+            builder._generate_synthetic("val")]  # pylint: disable=protected-access
+  once, again, other = first_videos(0), first_videos(0), first_videos(1)
+  assert [label for _, label, _ in once] == list(range(len(sl.CLASS_NAMES)))
+  assert once == again
+  assert all(a[2] != b[2] for a, b in zip(once, other))
+
+
+def test_too_few_frames_for_the_events_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"synthetic_long needs .*>= 18 frames.*16"):
+    sl.SyntheticLong(data_dir=str(tmp_path), num_frames=16)
