@@ -13,7 +13,9 @@ ResNets share (`conv1`, `bn1`, `layer1..4.<i>.{conv1,bn1,...,downsample.0/1}`, `
   fresh head stays.
 
 What the file lacks (GTA, SSA, Non-local modules, a head of another class count) keeps
-its initialisation and is listed. A file of another architecture or a shape mismatch
+its initialisation and is listed. With `complete=True` (:mod:`gta_jax.convert`, whole
+video models) every variable must come from the file, Non-local blocks included
+(`layer<s>.<b>.nl.{theta,phi,g,out,bn}`), and nothing is inflated or left fresh. A file of another architecture or a shape mismatch
 is an error naming the parameters. Files: `.pth`/`.pt`/`.bin` (PyTorch's zip format,
 read without PyTorch and without running code from the file, see
 :mod:`gta_jax.torch_pickle`), `.safetensors` and `.npz`.
@@ -27,7 +29,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
 import flax
@@ -58,20 +60,25 @@ _LEAVES = {
     ("batch_stats", "var"): "running_var",
 }
 _HEAD = ("head", "fc")
+# Sub-modules of a Non-local block (`<block>/post/...`, baselines.NonLocal).
+NONLOCAL_MODULES = ("theta", "phi", "g", "out", "bn")
+_FILE_NONLOCAL = re.compile(r"(layer[1-4]\.\d+)\.nl\.")
 
 Path = Tuple[str, ...]
 
 
-def torch_name(path: Path) -> Optional[str]:
+def torch_name(path: Path, nonlocal_blocks: bool = False) -> Optional[str]:
   """The torchvision/timm tensor name of a flax variable, None if it has none.
 
   Args:
     path: `(collection, *modules, leaf)`, e.g.
       `('params', 'res2_block0', 'conv1', 'conv', 'kernel')`.
+    nonlocal_blocks: also name the variables of a Non-local block after a residual
+      block, `layer<s>.<b>.nl.<theta|phi|g|out|bn>.<leaf>` (video checkpoints).
 
   Returns:
     e.g. `'layer1.0.conv1.weight'`; None for variables that ImageNet ResNets do not
-    have (temporal modules, anything unknown).
+    have (temporal modules unless named above, anything unknown).
   """
   collection, *modules, leaf = path
   suffix = _LEAVES.get((collection, leaf))
@@ -87,6 +94,9 @@ def torch_name(path: Path) -> Optional[str]:
   else:
     block = _BLOCK.fullmatch(modules[0])
     inner = _BLOCK_MODULES.get(modules[1:]) if block else None
+    if (block and nonlocal_blocks and len(modules) == 3 and modules[1] == "post"
+        and modules[2] in NONLOCAL_MODULES):
+      inner = f"nl.{modules[2]}"
     if inner is None:
       return None
     name = f"layer{int(block[1]) - 1}.{block[2]}.{inner}"
@@ -134,8 +144,9 @@ def file_architecture(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 
   Returns:
     A dict with `stage_sizes` (blocks per stage), `bottleneck`, `width` (stem
-    channels), `stem_kernel`, `num_classes` (None without `fc`) and `depth` (None
-    when the stage sizes are not a standard depth's).
+    channels), `stem_kernel`, `num_classes` (None without `fc`), `depth` (None
+    when the stage sizes are not a standard depth's), `stem_temporal_kernel`
+    (None for a 2D stem) and `nonlocal_blocks` (how many `layer*.*.nl.` blocks).
 
   Raises:
     ValueError: the names are not a torchvision/timm ResNet's.
@@ -155,9 +166,12 @@ def file_architecture(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   depth = next((d for d, (s, b) in registry.DEPTHS.items()
                 if s == sizes and b == bottleneck), None)
   fc = state_dict.get("fc.weight")
+  nonlocal_blocks = {m[1] for k in state_dict if (m := _FILE_NONLOCAL.match(k))}
   return dict(stage_sizes=sizes, bottleneck=bottleneck, width=int(stem.shape[0]),
               stem_kernel=int(stem.shape[-1]), depth=depth,
-              num_classes=int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None)
+              num_classes=int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None,
+              stem_temporal_kernel=int(stem.shape[2]) if stem.ndim == 5 else None,
+              nonlocal_blocks=len(nonlocal_blocks))
 
 
 def describe_file(state_dict: Mapping[str, np.ndarray]) -> str:
@@ -170,27 +184,45 @@ def describe_file(state_dict: Mapping[str, np.ndarray]) -> str:
   kind = "bottleneck" if arch["bottleneck"] else "basic"
   classes = (f"{arch['num_classes']} classes" if arch["num_classes"]
              else "no classifier")
+  stem = f"{arch['stem_kernel']}x{arch['stem_kernel']}"
+  if arch["stem_temporal_kernel"]:
+    name, stem = f"a 3D {name}", f"{arch['stem_temporal_kernel']}x{stem}"
+  extra = (f", {arch['nonlocal_blocks']} Non-local blocks" if arch["nonlocal_blocks"]
+           else "")
   return (f"{name} ({kind} blocks {','.join(map(str, arch['stage_sizes']))}, width "
-          f"{arch['width']}, {arch['stem_kernel']}x{arch['stem_kernel']} stem, "
-          f"{classes})")
+          f"{arch['width']}, {stem} stem{extra}, {classes})")
 
 
 def convert(value: np.ndarray, path: Path, target_shape: Tuple[int, ...],
-            inflation: str = "mean") -> Tuple[np.ndarray, str]:
+            inflation: Optional[str] = "mean") -> Tuple[np.ndarray, str]:
   """Converts a torch tensor to the flax layout of variable `path`.
+
+  A 2D flax kernel `(in, out)` (the classifier, a Non-local block's 1x1x1
+  projections, which are `nn.Dense` here) takes a linear weight `(out, in)` or a
+  convolution's `(out, in, 1, ..., 1)`; a 2D `(kh, kw, in, out)` one (also the kt=1
+  convolutions of 3D networks) takes a 2D kernel or a 3D one with kt=1; a 3D one
+  takes a 3D kernel, or with `inflation` a 2D one inflated (None: not inflated, the
+  shapes then differ).
 
   Returns:
     `(array, how)`: the array (its shape may still differ from `target_shape`; the
     caller checks) and a few words on the conversion.
   """
-  if path[-1] == "kernel" and path[-3:-1] == _HEAD and value.ndim == 2:
-    return value.T, "transposed"
-  if path[-1] != "kernel" or value.ndim not in (4, 5):
+  if path[-1] != "kernel" or value.ndim < 2:
     return value, "copied"
+  if len(target_shape) == 2:
+    if value.ndim > 2 and all(n == 1 for n in value.shape[2:]):
+      return value.reshape(value.shape[:2]).T, "squeezed, transposed"
+    return (value.T, "transposed") if value.ndim == 2 else (value, "copied")
+  if value.ndim not in (4, 5):
+    return value, "copied"
+  if value.ndim == 5 and len(target_shape) == 4 and value.shape[2] == 1:
+    # a 1xkxk 3D kernel where the model applies a 2D one (its kt=1 convolutions)
+    return value[:, :, 0].transpose(2, 3, 1, 0), "squeezed kt=1, transposed"
   if value.ndim == 5:  # already 3D: (out, in, kt, kh, kw)
     return value.transpose(2, 3, 4, 1, 0), "transposed"
   kernel = value.transpose(2, 3, 1, 0)
-  if len(target_shape) != 5:
+  if len(target_shape) != 5 or inflation is None:
     return kernel, "transposed"
   kt = target_shape[0]
   if inflation == "mean":
@@ -217,7 +249,9 @@ class Plan:
 
 
 def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
-              inflation: str = "mean", source: str = "state dict") -> Plan:
+              inflation: str = "mean", source: str = "state dict",
+              complete: bool = False,
+              file_name: Callable[[str], str] = lambda name: name) -> Plan:
   """Matches a state dict to a model's variables (arrays or shape structs).
 
   Args:
@@ -226,6 +260,11 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
     state_dict: torchvision/timm names -> arrays in PyTorch's layout.
     inflation: `'mean'` or `'center'`, for 3D kernels from 2D ones.
     source: the file's name, for messages.
+    complete: the file holds the whole model (a video checkpoint): every variable,
+      Non-local blocks and the classifier included, must come from it with its
+      shape; no kernel is inflated.
+    file_name: how messages name a state-dict entry (the file's own key, where
+      `state_dict` was renamed from another layout).
 
   Returns:
     The :class:`Plan`.
@@ -240,7 +279,9 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
   head = flat.get(("params",) + _HEAD + ("kernel",))
   file_fc = state_dict.get("fc.weight")
   head_kept = None
-  if head is not None and file_fc is None and "fc.bias" not in state_dict:
+  if complete:
+    pass
+  elif head is not None and file_fc is None and "fc.bias" not in state_dict:
     head_kept = "the file has no classifier"
   elif (head is not None and file_fc is not None and file_fc.ndim == 2
         and file_fc.shape[1] == head.shape[0] and file_fc.shape[0] != head.shape[1]):
@@ -250,7 +291,10 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
   plan = Plan({}, [], [], [])
   missing, mismatched, used = [], [], set()
   for path, leaf in flat.items():
-    name = torch_name(path)
+    name = torch_name(path, nonlocal_blocks=complete)
+    if name is None and complete:
+      missing.append((f"[{'/'.join(path)}]", "a variable no checkpoint layout has"))
+      continue
     if name is None:
       plan.kept.append((path, "not in ImageNet ResNets"))
       continue
@@ -258,14 +302,15 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
       plan.kept.append((path, head_kept))
       continue
     if name not in state_dict:
-      missing.append((name, "/".join(path[1:-1])))
+      missing.append((file_name(name), "/".join(path[1:-1])))
       continue
     used.add(name)
-    value, how = convert(state_dict[name], path, tuple(leaf.shape), inflation)
+    value, how = convert(state_dict[name], path, tuple(leaf.shape),
+                         None if complete else inflation)
     if value.shape != tuple(leaf.shape):
       layout = "" if value.shape == state_dict[name].shape else (
           f", {value.shape} as flax")
-      mismatched.append(f"{name} has shape {state_dict[name].shape}{layout}; "
+      mismatched.append(f"{file_name(name)} has shape {state_dict[name].shape}{layout}; "
                         f"{'/'.join(path)} needs {tuple(leaf.shape)}")
       continue
     plan.arrays[path] = value
@@ -280,7 +325,7 @@ def plan_load(variables: Any, state_dict: Mapping[str, np.ndarray], *,
     elif head_kept and name in ("fc.weight", "fc.bias"):
       plan.ignored.append((name, head_kept))
     else:
-      unused.append((name, f"{state_dict[name].shape}"))
+      unused.append((file_name(name), f"{state_dict[name].shape}"))
   if missing or mismatched or unused:
     problems = (_grouped(missing, "is missing (for {})") + mismatched
                 + _grouped(unused, "{} is in the file but not in the model"))

@@ -1,0 +1,192 @@
+"""Converted video checkpoints give the peer's own logits.
+
+mmaction2 builds each model from its own released config (random weights, random
+BatchNorm statistics and affine parameters, so that every tensor matters), saves it
+in its checkpoint format (`{'meta': ..., 'state_dict': ...}`) and computes eval-mode
+logits on a random clip; `python -m gta_jax.convert` turns the file into a run, and
+the run's restored variables give the same logits here (1e-4 of the largest logit,
+float32). The TSM authors' layout (`--source=tsm`) is checked against a PyTorch
+re-derivation of their network written below (torchvision's ResNet-50 with their
+shift wrapper `conv1.net`, `base_model.`/`new_fc.` names and their Non-local block
+`nl.{g,theta,phi,W}` with sub-sampling), since their repository is no package.
+
+The peer environment is `tests/test_pretrained_torch.py`'s torch venv plus
+mmengine 0.10.7, mmcv-lite 2.2.0 and mmaction2 1.2.0 (without its dependencies;
+CI installs them into `.venv-torch`, about 15 s). Three shims, in the script below,
+let mmaction2's models import there: mmcv-lite reports 2.1.0 (mmaction2 1.2.0
+refuses 2.2.0, which it has not seen), its `localizers.drn` package (missing from
+the 1.2.0 wheel) is an empty module, and only `mmaction.models` is imported (the
+datasets need decord and scipy). Without torch the tests are skipped.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gta_jax import config_lib
+from gta_jax import convert
+from gta_jax import recipes
+from gta_jax.models import build_model
+from gta_jax.training import checkpoint
+
+import test_pretrained_torch  # tests/: the torch venv
+
+MM_PACKAGES = ("mmengine==0.10.7", "mmcv-lite==2.2.0", "einops", "importlib_metadata")
+MMACTION2 = "mmaction2==1.2.0"
+
+# recipe -> (mmaction2 config, clip frames). The clip is 2 x T x 64 x 64.
+MODELS = {
+    "k400_tsn_r50_mmaction2": (
+        "tsn/tsn_imagenet-pretrained-r50_8xb32-1x1x3-100e_kinetics400-rgb", 3),
+    "k400_tsm_r50_mmaction2": (
+        "tsm/tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb", 8),
+    "k400_tsm_nl_r50_mmaction2": (
+        "tsm/tsm_imagenet-pretrained-r50-nl-embedded-gaussian_8xb16-1x1x8-50e_"
+        "kinetics400-rgb", 8),
+    "k400_i3d_r50_mmaction2": (
+        "i3d/i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb", 32),
+    "k400_slowonly_r50_8x8_mmaction2": (
+        "slowonly/slowonly_imagenet-pretrained-r50_8xb16-8x8x1-steplr-150e_"
+        "kinetics400-rgb", 8),
+}
+SIZE = 64
+
+# Runs in the peer environment: argv = out folder, then `recipe=config:frames` items.
+PEER_SCRIPT = r"""
+import os, sys, types, json
+import numpy as np
+import torch
+import mmcv
+mmcv.__version__ = "2.1.0"  # mmaction2 1.2.0 asserts mmcv < 2.2.0
+for name in ("mmaction.models.localizers.drn", "mmaction.models.localizers.drn.drn"):
+  stub = types.ModuleType(name); stub.DRN = None; stub.__path__ = []
+  sys.modules[name] = stub  # missing from the 1.2.0 wheel
+import mmaction
+import mmaction.models  # registers the models; the datasets need decord and scipy
+from mmaction.registry import MODELS
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+init_default_scope("mmaction")
+out, size = sys.argv[1], int(sys.argv[2])
+configs = os.path.join(os.path.dirname(mmaction.__file__), ".mim", "configs", "recognition")
+for item in sys.argv[3:]:
+  recipe, spec = item.split("=")
+  config_name, frames = spec.split(":")
+  torch.manual_seed(0)
+  cfg = Config.fromfile(os.path.join(configs, config_name + ".py"))
+  cfg.model.backbone.pretrained = None  # nothing is downloaded
+  model = MODELS.build(cfg.model)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0, 0.1)
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 2.0)
+      elif isinstance(module, (torch.nn.Conv3d, torch.nn.Linear)) and module.bias is not None:
+        module.bias.normal_(0, 0.1)
+  model.eval()
+  torch.save({"meta": {"mmaction2": mmaction.__version__, "config": config_name},
+              "state_dict": model.state_dict()}, f"{out}/{recipe}.pth")
+  clip = torch.randn(2, int(frames), 3, size, size)  # (N, T, C, H, W), normalised
+  if cfg.model.type == "Recognizer3D":
+    inputs = clip.permute(0, 2, 1, 3, 4)[:, None]  # (N, 1 view, C, T, H, W)
+  else:
+    inputs = clip  # (N, T segments, C, H, W)
+  with torch.no_grad():
+    logits, _ = model.extract_feat(inputs, stage="head")  # eval mode: no dropout
+  np.save(f"{out}/{recipe}_clip.npy", clip.numpy().transpose(0, 1, 3, 4, 2))
+  np.save(f"{out}/{recipe}_logits.npy", logits.numpy())
+  print(recipe, tuple(logits.shape), flush=True)
+"""
+
+
+def _has_mmaction2(python):
+  check = ("import importlib.util as u, sys; "
+           "sys.exit(not (u.find_spec('mmaction') and u.find_spec('mmengine')))")
+  return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
+def peer_python():
+  """The torch python with mmaction2 (installed in CI), or None."""
+  python = test_pretrained_torch.torch_python()
+  if python is None or _has_mmaction2(python):
+    return python
+  if os.environ.get("CI", "").lower() != "true":
+    return None
+  pip = [python, "-m", "pip", "install", "--quiet"]
+  subprocess.run(pip + list(MM_PACKAGES), check=True, timeout=300)
+  subprocess.run(pip + ["--no-deps", MMACTION2], check=True, timeout=300)
+  return python
+
+
+def _skip_reason():
+  return (f"mmaction2 absent: {test_pretrained_torch.TORCH_VENV}/bin/pip install "
+          f"{' '.join(MM_PACKAGES)} && .venv-torch/bin/pip install --no-deps "
+          f"{MMACTION2} (CI=true installs it)")
+
+
+@pytest.fixture(scope="module")
+def peer_outputs(tmp_path_factory):
+  python = peer_python()
+  if python is None:
+    pytest.skip(_skip_reason())
+  out = tmp_path_factory.mktemp("mmaction2")
+  items = [f"{recipe}={name}:{frames}" for recipe, (name, frames) in MODELS.items()]
+  subprocess.run([python, "-c", PEER_SCRIPT, str(out), str(SIZE), *items], check=True,
+                 timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  return out
+
+
+def logits_of_run(workdir, config_path, clip):
+  """The logits the converted run gives: its config file, its restored variables."""
+  config = config_lib.from_file(config_path)
+  config.data.crop_size = clip.shape[2]
+  variables, step = checkpoint.restore_variables(config, workdir)
+  assert step == 0
+  model = build_model(config)
+  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, clip))
+
+
+def convert_in_process(source, pth, recipe, workdir):
+  """`python -m gta_jax.convert` without a new process (its flags, its function)."""
+  config = config_lib.from_file(recipes.path(recipe))
+  return "\n".join(convert.convert(source, str(pth), config, recipe, str(workdir)))
+
+
+def convert_cli(source, pth, recipe, workdir):
+  result = subprocess.run(
+      [sys.executable, "-m", "gta_jax.convert", f"--source={source}",
+       f"--checkpoint={pth}", f"--config={recipe}", f"--workdir={workdir}"],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(MODELS))
+def test_converted_mmaction2_checkpoint_gives_mmaction2_logits(peer_outputs, recipe,
+                                                               tmp_path):
+  pth = peer_outputs / f"{recipe}.pth"
+  # The command line once (TSM); the same function in this process for the others.
+  run = convert_cli if recipe == "k400_tsm_r50_mmaction2" else convert_in_process
+  printed = run("mmaction2", pth, recipe, tmp_path)
+  assert "into every variable" in printed
+  provenance = json.loads((tmp_path / "convert.json").read_text())
+  assert provenance["source"] == "mmaction2" and provenance["config"] == recipe
+  clip = np.load(peer_outputs / f"{recipe}_clip.npy")
+  logits = logits_of_run(tmp_path, tmp_path / "config.py", clip)
+  reference = np.load(peer_outputs / f"{recipe}_logits.npy")
+  assert logits.shape == reference.shape == (2, 400)
+  relative = np.abs(logits - reference).max() / np.abs(reference).max()
+  print(f"{recipe}: max |diff| / max |logit| = {relative:.2e}")
+  assert relative < 1e-4, relative
