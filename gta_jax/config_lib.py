@@ -201,6 +201,11 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.temporal_modules = temporal_modules
   c.model.nl.placement = "res3:0;res4:0"
+  # Keys and values at full resolution, as GTA's spatial step here (gta.pool_keys
+  # False): the released 2x2 sub-sampling leaves 4x4 keys of res4's 8x8 map, and
+  # on this task pooled keys cost GTA 0.956 -> 0.924 (docs/ablations.md, rows
+  # `r34_gta` and `r34_gta_pool_keys`, seed 0).
+  c.model.nl.sub_sample = False
   c.model.ssa.placement = "res4:0;res5:0"
   c.model.ssa.scale = "sqrt_d"  # unscaled, the temporal softmax starts one-hot
   c.model.ssa.residual = True  # x + BN(y)

@@ -142,61 +142,6 @@ def test_temporal_shift_matches_numpy():
   np.testing.assert_array_equal(baselines.temporal_shift(jnp.asarray(x)), expected)
 
 
-# -- Non-local -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["3d", "2d", "1d"])
-@pytest.mark.parametrize("train", [False, True])
-def test_zero_initialised_nonlocal_is_identity(kind, train):
-  x = jax.random.normal(jax.random.key(0), (2, 4, 5, 6, 16))
-  module = baselines.NonLocal(kind)
-  variables = module.init(jax.random.key(1), x)
-  y, _ = module.apply(variables, x, train=train, mutable=["batch_stats"])
-  np.testing.assert_array_equal(y, x)
-
-
-def nonlocal_reference(params, stats, x, kind, scaled):
-  """Embedded-Gaussian Non-local, written with numpy from the paper's equation."""
-  x = np.asarray(x, np.float64)
-  b, t, h, w, c = x.shape
-  # phi and out have no bias: the softmax over keys and the output BN cancel it.
-  proj = lambda p, v: v @ np.asarray(p["kernel"]) + np.asarray(p.get("bias", 0.0))
-  theta, phi, g = (proj(params[n], x) for n in ("theta", "phi", "g"))
-  ci = theta.shape[-1]
-  if kind == "3d":
-    groups = lambda v: v.reshape(b, t * h * w, ci)
-  elif kind == "2d":
-    groups = lambda v: v.reshape(b * t, h * w, ci)
-  else:
-    groups = lambda v: np.moveaxis(v, 1, 3).reshape(b * h * w, t, ci)
-  q, k, v = groups(theta), groups(phi), groups(g)
-  logits = np.einsum("nid,njd->nij", q, k) / (np.sqrt(ci) if scaled else 1.0)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  y = np.einsum("nij,njd->nid", weights, v)
-  if kind == "1d":
-    y = np.moveaxis(y.reshape(b, h, w, t, ci), 3, 1)
-  y = proj(params["out"], y.reshape(b, t, h, w, ci))
-  bn = params["bn"]
-  y = (y - np.asarray(stats["bn"]["mean"])) / np.sqrt(np.asarray(stats["bn"]["var"]) + 1e-5)
-  return x + y * np.asarray(bn["scale"]) + np.asarray(bn["bias"])
-
-
-@pytest.mark.parametrize("kind", ["3d", "2d", "1d"])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_nonlocal_matches_numpy_reference(kind, scaled):
-  x = 0.5 * jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 8))
-  module = baselines.NonLocal(kind, scaled=scaled)
-  variables = perturb(module.init(jax.random.key(1), x), std=0.3)
-  variables["batch_stats"] = jax.tree.map(
-      lambda v: v + 0.5 * jax.random.uniform(jax.random.key(2), v.shape),
-      variables["batch_stats"])
-  y = module.apply(variables, x, train=False)
-  expected = nonlocal_reference(variables["params"], variables["batch_stats"], x, kind,
-                                scaled)
-  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-
-
 # -- shapes, dtypes, gradients -----------------------------------------------------------
 
 
