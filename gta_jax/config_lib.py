@@ -34,7 +34,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.eval_every_steps = 500
   c.keep_checkpoints = 2  # the last k; the best by val top-1 is kept besides
-  c.halt_on_nonfinite = True
+  # A NaN/inf loss, gradient norm or parameter (gta_jax/training/loop.py): 'stop'
+  # the run, naming the newest finite checkpoint, or 'rollback' to that checkpoint,
+  # skip the next nonfinite_skip_batches batches of the data stream and go on, at most
+  # nonfinite_max_rollbacks times in one run.
+  c.nonfinite = "stop"
+  c.nonfinite_skip_batches = 100
+  c.nonfinite_max_rollbacks = 3
+  # The workdir's lease (gta_jax/training/lease.py): one training run per workdir; a
+  # lease whose heartbeat is older than this is taken over.
+  c.lease_timeout_s = 300.0
   # Fine-tuning (gta_jax/training/finetune.py): start from a run of this project (its
   # workdir, checkpoints/ folder or a step's folder); the classifier is re-initialised
   # when num_classes differs, and so is every variable whose path the regex
@@ -59,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = -1  # decoding processes; -1: one per core this process may use
   c.data.read_threads = -1  # per process; -1: its share of those cores
   c.data.prefetch = 2
+  # Training clips whose frames do not decode are counted, named in the log and
+  # replaced by the next video of the stream; more than this many stop the run.
+  c.data.max_bad_clips = 10
   # Training clips decoded by 'cpu' (libjpeg-turbo, in the loader's workers) or 'dali'
   # (NVIDIA DALI on the GPUs: pip install -e '.[dali]'); docs/data.md.
   c.data.decoder = "cpu"

@@ -8,6 +8,9 @@ Clusters that JAX detects (Cloud TPU pod slices, GKE, SLURM inside `srun`, Open 
 start `jax.distributed` by themselves (`--single_process` prevents it); elsewhere
 pass `--coordinator_address host:port --num_processes N --process_id I` to every
 process.
+
+A run that meets a non-finite loss (`config.nonfinite`) or a workdir held by another
+live run (its lease) stops with a one-line message and exit status 1.
 """
 
 from absl import app
@@ -16,6 +19,7 @@ from absl import logging
 
 from gta_jax import cli
 from gta_jax import tasks
+from gta_jax.training import lease
 from gta_jax.training import loop
 from gta_jax.training import writers
 
@@ -31,9 +35,13 @@ def main(argv):
   writers.quiet_library_logs()
   cli.initialize_distributed()
   logging.info("config:\n%s", _CONFIG.value)
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                    validate=tasks.make_validator(_CONFIG.value,
-                                                                  _WORKDIR.value))
+  try:
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                      validate=tasks.make_validator(_CONFIG.value,
+                                                                    _WORKDIR.value))
+  except (loop.NonFiniteLossError, lease.WorkdirLeasedError) as e:
+    # Events of a run, not bugs: one line for the user, no traceback; exit status 1.
+    raise SystemExit(f"train: {type(e).__name__}: {e}") from None
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and summary:
     print(f"final {_CONFIG.value.data.eval_split} {tasks.describe(summary)}", flush=True)

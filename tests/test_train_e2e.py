@@ -250,17 +250,6 @@ def test_one_process_checkpoint_resumes_on_two_processes(reference, data_dir, tm
   assert_same_curve(resumed, ref_dir, tol=1e-3)
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-  result = run("train.py", tmp_path, data_dir, "--config.optim.base_lr=1e30",
-               "--config.optim.grad_clip_norm=0", "--config.checkpoint_every_steps=1",
-               expect_ok=False)
-  assert result.returncode != 0
-  message = [l for l in result.stderr.splitlines() if "NonFiniteLossError" in l]
-  assert message, result.stderr[-3000:]
-  bad_step = int(message[-1].split(" at step ")[1].split(":")[0])
-  assert saved_steps(tmp_path) and max(saved_steps(tmp_path)) == bad_step - 1
-
-
 @pytest.mark.parametrize("extra,devices,match", [
     (["--config.optim.nmae=sgd"], 1, "nmae"),
     (["--config.batch_size=6"], 4, "config.batch_size=6 must be a positive multiple"),

@@ -12,11 +12,23 @@ builds from `gta_jax.evaluation` (or `gta_jax.retrieval`: `gta_jax.tasks`): ever
 in-training protocol (`final=False`, logged as `eval_during_training` rows and
 `<split>_during_training/` scalars), at the end the full one (`final=True`, logged
 as `eval` rows and `<split>/` scalars). Metrics reach the host every
-`log_every_steps` only, so the device is never waited on inside the hot loop; a
-non-finite loss stops the run before it is checkpointed.
+`log_every_steps` only, so the device is never waited on inside the hot loop.
+
+A non-finite loss or gradient norm (seen in those metrics) or non-finite parameters
+(checked before every save) never reach a checkpoint. `config.nonfinite` says what
+the run does then: 'stop' raises `NonFiniteLossError`, naming the step, the metric and
+the newest (finite) checkpoint; 'rollback' restores that checkpoint, skips the next
+`config.nonfinite_skip_batches` batches of the global data stream and trains on, at
+most `config.nonfinite_max_rollbacks` times in one run, then stops as 'stop' does.
+Every process sees the same global metrics and parameters, so all take the same
+decision at the same step.
+
+Process 0 holds the workdir's lease (`lease.py`) while it trains: a second run on the
+same workdir is refused.
 """
 
 import dataclasses
+import json
 import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,6 +43,7 @@ from gta_jax import paths
 from gta_jax import tasks
 from gta_jax.data import pipeline
 from gta_jax.training import checkpoint
+from gta_jax.training import lease as lease_lib
 from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
 from gta_jax.training import writers
@@ -41,8 +54,22 @@ Validate = Callable[[Any, bool], Dict[str, Any]]
 Pending = List[Tuple[int, Dict[str, Any]]]
 
 
+NONFINITE_POLICIES = ("stop", "rollback")
+# The per-step metrics whose values must stay finite.
+_CHECKED_METRICS = ("loss", "grad_norm")
+
+
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite."""
+  """The loss, gradient norm or parameters became NaN or infinite, and the
+  `config.nonfinite` policy stops the run (its message is one line for the user)."""
+
+
+@dataclasses.dataclass
+class NonFinite(Exception):
+  """Training reached a non-finite `metric` (`value`) at `step`."""
+  step: int
+  metric: str
+  value: float
 
 
 class PreemptionWatcher:
@@ -84,10 +111,42 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.optim.label_smoothing < 1:
     raise ValueError("config.optim.label_smoothing must be in [0, 1), got "
                      f"{config.optim.label_smoothing!r}")
+  if config.nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite must be one of {NONFINITE_POLICIES}, got "
+                     f"{config.nonfinite!r}")
+  for key in ("nonfinite_skip_batches", "nonfinite_max_rollbacks"):
+    if not isinstance(config[key], int) or config[key] < 0:
+      raise ValueError(f"config.{key} must be an int >= 0, got {config[key]!r}")
+  if not isinstance(config.lease_timeout_s, (int, float)) or config.lease_timeout_s <= 0:
+    raise ValueError(f"config.lease_timeout_s must be > 0 seconds, got "
+                     f"{config.lease_timeout_s!r}")
   sharding.check_batch_size(config.batch_size, "config.batch_size")
   if not isinstance(config.eval.batch_size, int) or config.eval.batch_size < 1:
     raise ValueError(f"config.eval.batch_size must be a positive int, got "
                      f"{config.eval.batch_size!r}")
+
+
+def take_lease(workdir: paths.PathLike, timeout_s: float) -> Optional[lease_lib.Lease]:
+  """Process 0 takes the workdir's lease (`lease.py`); every process raises if it
+  could not. Returns process 0's lease (None elsewhere).
+
+  Raises:
+    lease.WorkdirLeasedError: another live run holds the workdir.
+  """
+  lease, refusal = None, None
+  if jax.process_index() == 0:
+    try:
+      lease = lease_lib.Lease(workdir, timeout_s).acquire()
+    except lease_lib.WorkdirLeasedError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+    if refused and refusal is None:
+      refusal = lease_lib.WorkdirLeasedError(
+          f"process 0 could not take the lease of {workdir} (its log names the holder)")
+  if refusal is not None:
+    raise refusal
+  return lease
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> Any:
@@ -99,25 +158,37 @@ def prepare_data(config: ml_collections.ConfigDict) -> Any:
   return pipeline.prepare_dataset(config)
 
 
-def _fetch_train_metrics(pending: Pending, halt_on_nonfinite: bool
-                         ) -> Optional[Dict[str, float]]:
-  """Brings the pending per-step metrics to the host; their window means."""
+def _raise_if_nonfinite(pending: Pending, host: List[Dict[str, Any]]) -> None:
+  """Raises `NonFinite` for the earliest pending step with a non-finite loss or
+  gradient norm (`host`: the pending metrics on the host)."""
+  for (step, _), metrics in zip(pending, host):
+    for key in _CHECKED_METRICS:
+      if not np.isfinite(metrics[key]):
+        pending.clear()
+        raise NonFinite(step, key, float(metrics[key]))
+
+
+def _fetch_train_metrics(pending: Pending) -> Optional[Dict[str, float]]:
+  """Brings the pending per-step metrics to the host; their window means.
+
+  Raises:
+    NonFinite: a pending step's loss or gradient norm is not finite.
+  """
   if not pending:
     return None
   host = jax.device_get([m for _, m in pending])
-  losses = np.array([m["loss"] for m in host])
-  bad = np.flatnonzero(~np.isfinite(losses))
-  if len(bad) and halt_on_nonfinite:
-    step = pending[bad[0]][0]
-    raise NonFiniteLossError(
-        f"the loss is {losses[bad[0]]} at step {step}: stopping (lower "
-        "config.optim.base_lr, or set config.optim.grad_clip_norm); the checkpoints "
-        "in the workdir are from before it")
+  _raise_if_nonfinite(pending, host)
   means = {k: float(np.mean([m[k] for m in host])) for k in ("loss", "accuracy",
                                                               "grad_norm")}
   means["lr"] = float(host[-1]["lr"])
   pending.clear()
   return means
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jax.tree.reduce(jax.numpy.logical_and,
+                         jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), tree))
 
 
 class _TrainLog:
@@ -140,7 +211,7 @@ class _TrainLog:
     self.bar.update(1)
 
   def write(self, step: int) -> None:
-    means = _fetch_train_metrics(self.pending, self.config.halt_on_nonfinite)
+    means = _fetch_train_metrics(self.pending)
     elapsed = time.perf_counter() - self.window_start
     means.update(steps_per_sec=self.window_steps / elapsed,
                  examples_per_sec=self.window_steps * self.config.batch_size / elapsed)
@@ -149,8 +220,8 @@ class _TrainLog:
     self.restart_clock()
 
   def check_finite(self) -> None:
-    """Raises before a checkpoint if a pending loss is not finite."""
-    _fetch_train_metrics(self.pending, self.config.halt_on_nonfinite)
+    """Raises `NonFinite` if a pending loss or gradient norm is not finite."""
+    _raise_if_nonfinite(self.pending, jax.device_get([m for _, m in self.pending]))
 
 
 def restore_or_initialize(config, ckpt: checkpoint.Checkpointer, abstract_state, model,
@@ -176,7 +247,9 @@ class _Run:
   validate: Optional[Validate]
   preemption: PreemptionWatcher
   log: _TrainLog
+  abstract_state: Any
   summary: Optional[Dict[str, Any]] = None
+  rollbacks: int = 0
   data_wait: float = 0.0  # seconds the loop waited for the next batch
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -207,8 +280,14 @@ class _Run:
     return state, stop
 
   def checkpoint(self, step: int, state, validating: bool, final: bool):
-    """Saves `step` (validating first if asked); returns the state (plateau applied)."""
+    """Saves `step` (validating first if asked); returns the state (plateau applied).
+
+    Raises:
+      NonFinite: a pending metric or the state's variables are not finite.
+    """
     self.log.check_finite()
+    if not bool(_all_finite(state.variables)):
+      raise NonFinite(step, "parameters", float("nan"))
     scores = None
     if validating:
       state = self.run_validation(step, state, final)
@@ -217,6 +296,45 @@ class _Run:
     self.ckpt.save(step, state, self.train_iter, self.config, metrics=scores)
     self.log.restart_clock()
     return state
+
+  def on_nonfinite(self, bad: NonFinite) -> Tuple[Any, int]:
+    """Applies `config.nonfinite` to `bad`; returns the state and step to go on from.
+
+    Raises:
+      NonFiniteLossError: the policy is 'stop', the rollbacks are used up, or no
+        checkpoint was saved to go back to.
+    """
+    c = self.config
+    self.ckpt.wait()
+    latest = self.ckpt.latest_step()
+    what = f"non-finite {bad.metric} ({bad.value}) at step {bad.step}"
+    where = (f"the newest finite checkpoint is {self.ckpt.directory}/{latest}"
+             if latest is not None else "no checkpoint was saved before it")
+    if c.nonfinite == "stop":
+      rollback = ", or go back to it: --config.nonfinite=rollback" if latest else ""
+      raise NonFiniteLossError(
+          f"{what}; {where}. Stopped (config.nonfinite='stop'): lower "
+          f"config.optim.base_lr or set config.optim.grad_clip_norm{rollback}")
+    if latest is None or self.rollbacks >= c.nonfinite_max_rollbacks:
+      raise NonFiniteLossError(
+          f"{what}; {where}. Stopped after {self.rollbacks} rollbacks "
+          f"(config.nonfinite_max_rollbacks={c.nonfinite_max_rollbacks})")
+    self.rollbacks += 1
+    state = self.ckpt.restore(latest, self.abstract_state, c, self.train_iter)
+    position = json.loads(self.train_iter.get_state())["next_batch"]
+    self.train_iter.set_state({"next_batch": position + c.nonfinite_skip_batches})
+    logging.warning("%s: rolled back to %s/%d and skipped batches %d to %d of the data "
+                    "stream (rollback %d of at most %d)", what, self.ckpt.directory,
+                    latest, position, position + c.nonfinite_skip_batches - 1,
+                    self.rollbacks, c.nonfinite_max_rollbacks)
+    self.writer.write("rollback", bad.step, {
+        "metric": bad.metric, "restored_step": latest, "data_position": position,
+        "skipped_batches": c.nonfinite_skip_batches, "rollbacks": self.rollbacks},
+        "rollback")
+    self.log.bar.reset(c.total_steps)
+    self.log.bar.update(latest)
+    self.log.restart_clock()
+    return state, latest
 
   def run_validation(self, step: int, state, final: bool):
     """Runs the callback and logs its summary (see the module docstring)."""
@@ -247,9 +365,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
     ValueError: bad config values.
     checkpoint.IncompatibleCheckpointError: a checkpoint of another model in `workdir`.
     checkpoint.UnreadableCheckpointsError: checkpoints, none of them readable.
-    NonFiniteLossError: the loss became NaN or infinite.
+    NonFiniteLossError: non-finite training, and `config.nonfinite` stops the run.
+    lease.WorkdirLeasedError: another live run holds `workdir`.
   """
   check_config(config)
+  lease = take_lease(workdir, config.lease_timeout_s)
+  try:
+    return _train(config, workdir, validate)
+  finally:
+    if lease is not None:
+      lease.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: paths.PathLike,
+           validate: Optional[Validate]) -> Optional[Dict[str, Any]]:
+  """`train_and_evaluate` once the workdir's lease is held."""
   mesh = sharding.make_mesh()
   meta = prepare_data(config)
   model, tx, lr_fn, abstract_state = state_lib.build(config, mesh)
@@ -270,11 +400,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
     train_step = tasks.make_train_step(config, model, tx, lr_fn, mesh)
     with writers.progress_bar(config.total_steps, start) as bar:
       run = _Run(config, mesh, ckpt, writer, train_iter, validate, preemption,
-                 _TrainLog(config, writer, bar), summary)
-      for step in range(start + 1, config.total_steps + 1):
+                 _TrainLog(config, writer, bar), abstract_state, summary)
+      step = start
+      while step < config.total_steps:
+        step += 1
         state, metrics = train_step(state, run.next_batch())
         run.log.add(step, metrics)
-        state, stop = run.after_step(step, state)
+        try:
+          state, stop = run.after_step(step, state)
+        except NonFinite as bad:
+          state, step = run.on_nonfinite(bad)
+          continue
         if stop:
           logging.warning("SIGTERM: saved step %d, exiting", step)
           break

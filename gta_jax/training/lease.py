@@ -1,0 +1,313 @@
+"""One training run per workdir: a lease file, `WORKDIR/lease.json`.
+
+A training run (process 0 of a multi-process run) takes the lease before it touches
+the workdir and holds it until it ends; a thread rewrites its heartbeat every
+`timeout_s / 10` seconds. A second run on the same workdir finds a live lease and
+stops at once with :class:`WorkdirLeasedError`, naming the holder (host, process id,
+start time). A lease is taken over, with a warning, when its holder is dead (on this
+host: its process is gone) or its heartbeat is older than `timeout_s` (a holder on
+another host, or a hung one). Readers (`eval.py`, predict, features) take no lease.
+
+The file is only ever created with a create-only write, never by a read-then-write:
+locally a hard link of a complete temporary file (fails if the lease exists); on a
+bucket (`gs://`) an upload with the object store's precondition `ifGenerationMatch=0`.
+Taking over and heartbeats replace the lease only if it is still the one read (its
+token locally, under a short lock; its generation on a bucket), so of two runs that
+both find a lease stale exactly one gets it.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Iterator, Optional, Tuple
+
+from gta_jax import paths
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = "lease.json"
+
+
+class WorkdirLeasedError(RuntimeError):
+  """Another live run holds the workdir's lease."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+  """Who holds a lease: the contents of the lease file."""
+  host: str
+  pid: int
+  started: float  # time.time() when it took the lease
+  heartbeat: float  # time.time() of its last heartbeat
+  token: str  # this holding's identity
+  pid_start: str = ""  # the process's start time in clock ticks (Linux), against pid reuse
+
+  @classmethod
+  def me(cls) -> "Holder":
+    now = time.time()
+    return cls(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex,
+               _process_start(os.getpid()))
+
+  def encode(self) -> bytes:
+    return json.dumps(dataclasses.asdict(self)).encode()
+
+  @classmethod
+  def decode(cls, data: bytes) -> "Holder":
+    return cls(**json.loads(data))
+
+  def describe(self) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+    return (f"host {self.host}, process {self.pid}, started {started}, last heartbeat "
+            f"{time.time() - self.heartbeat:.0f} s ago")
+
+  def is_dead(self, timeout_s: float) -> Optional[str]:
+    """Why this holder is dead (None if it may be alive)."""
+    if self.host == socket.gethostname() and not _process_alive(self.pid, self.pid_start):
+      return f"its process {self.pid} on this host is gone"
+    if time.time() - self.heartbeat > timeout_s:
+      return f"its heartbeat is older than {timeout_s:.0f} s"
+    return None
+
+
+def _process_start(pid: int) -> str:
+  """The start time of process `pid` (field 22 of /proc/PID/stat); '' if unknown."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return ""
+
+
+def _process_alive(pid: int, start: str) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return not start or _process_start(pid) in ("", start)
+
+
+class _LocalStore:
+  """The lease as a local file. Its version is the holder's token."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._lock = path + ".lock"
+
+  def create(self, data: bytes) -> Optional[str]:
+    """Writes `data` if there is no lease; its version, or None if there is one."""
+    temporary = f"{self.path}.{uuid.uuid4().hex}.tmp"
+    with open(temporary, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(temporary, self.path)  # fails if the lease exists
+      return Holder.decode(data).token
+    except FileExistsError:
+      return None
+    finally:
+      os.remove(temporary)
+
+  def read(self) -> Optional[Tuple[bytes, str]]:
+    """The lease's contents and version; None if there is no lease."""
+    try:
+      with open(self.path, "rb") as f:
+        data = f.read()
+    except FileNotFoundError:
+      return None
+    return data, Holder.decode(data).token
+
+  def replace(self, version: str, data: Optional[bytes]) -> Optional[str]:
+    """Replaces the lease by `data` (None: deletes it) if its version is `version`;
+    the new version ('' when deleted), or None if the lease was another."""
+    with self._locked():
+      current = self.read()
+      if current is None or current[1] != version:
+        return None
+      if data is None:
+        os.remove(self.path)
+        return ""
+      temporary = f"{self.path}.{uuid.uuid4().hex}.tmp"
+      with open(temporary, "wb") as f:
+        f.write(data)
+      os.replace(temporary, self.path)
+      return Holder.decode(data).token
+
+  @contextlib.contextmanager
+  def _locked(self) -> Iterator[None]:
+    """A short exclusive section: an O_EXCL lock file (one older than 30 s, left by
+    a killed process, is removed)."""
+    deadline = time.time() + 60
+    while True:
+      try:
+        os.close(os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        break
+      except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+          if time.time() - os.path.getmtime(self._lock) > 30:
+            os.remove(self._lock)
+      if time.time() > deadline:
+        raise TimeoutError(f"cannot lock {self._lock}")
+      time.sleep(0.05)
+    try:
+      yield
+    finally:
+      os.remove(self._lock)
+
+
+class _BucketStore:
+  """The lease as an object in a bucket (gcsfs). Its version is its generation, and
+  every write is conditional on it (`ifGenerationMatch`; 0: the object must not
+  exist), so it is atomic on the object store's side."""
+
+  def __init__(self, url: str):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    self.fs = fsspec.filesystem("gs")
+    self.url = url
+    self.bucket, _, self.key = url.split("://", 1)[1].partition("/")
+
+  def _upload(self, data: bytes, generation: str) -> Optional[str]:
+    """Uploads `data` if the object's generation is `generation`; the new one, or
+    None (412 Precondition Failed)."""
+    try:
+      uploaded = self.fs.call(
+          "POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o",  # pylint: disable=protected-access
+          self.bucket, uploadType="media", name=self.key, ifGenerationMatch=generation,
+          data=data, headers={"Content-Type": "application/octet-stream"},
+          json_out=True)
+    except FileExistsError:  # gcsfs's name for 412
+      return None
+    finally:
+      self.fs.invalidate_cache(self.url)
+    return str(uploaded["generation"])
+
+  def create(self, data: bytes) -> Optional[str]:
+    """Uploads `data` if there is no lease; its generation, or None."""
+    return self._upload(data, "0")
+
+  def read(self) -> Optional[Tuple[bytes, str]]:
+    """The lease's contents and generation; None if there is no lease."""
+    while True:
+      try:
+        generation = self._generation()
+        data = self.fs.cat_file(self.url)
+        if self._generation() == generation:  # not rewritten while read
+          return data, generation
+      except FileNotFoundError:
+        return None
+
+  def _generation(self) -> str:
+    self.fs.invalidate_cache(self.url)
+    return str(self.fs.info(self.url)["generation"])
+
+  def replace(self, version: str, data: Optional[bytes]) -> Optional[str]:
+    """Replaces the lease by `data` (None: deletes it) if its generation is
+    `version`; the new generation ('' when deleted), or None."""
+    if data is not None:
+      return self._upload(data, version)
+    try:
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                   ifGenerationMatch=version)
+      return ""
+    except (FileExistsError, FileNotFoundError):  # 412: another generation; 404: gone
+      return None
+    finally:
+      self.fs.invalidate_cache(self.url)
+
+
+class Lease:
+  """The lease of `workdir` (see the module docstring).
+
+  Args:
+    workdir: the run's directory, local or `gs://...`.
+    timeout_s: a heartbeat older than this marks a dead holder.
+  """
+
+  def __init__(self, workdir: paths.PathLike, timeout_s: float = 300.0):
+    if timeout_s <= 0:
+      raise ValueError(f"config.lease_timeout_s must be > 0, got {timeout_s!r}")
+    target = paths.path(workdir) / LEASE_FILE
+    if paths.is_local(target):
+      target.parent.mkdir(parents=True, exist_ok=True)
+      self._store = _LocalStore(os.fspath(target))
+    else:
+      self._store = _BucketStore(os.fspath(target))
+    self.path = os.fspath(target)
+    self.timeout_s = float(timeout_s)
+    self.holder: Optional[Holder] = None
+    self._version: Optional[str] = None
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+
+  def acquire(self) -> "Lease":
+    """Takes the lease (over a dead holder's, with a warning) and starts heartbeats.
+
+    Raises:
+      WorkdirLeasedError: a live holder has it.
+    """
+    me = Holder.me()
+    while True:
+      self._version = self._store.create(me.encode())
+      if self._version is not None:
+        break
+      current = self._store.read()
+      if current is None:
+        continue  # released meanwhile
+      holder = Holder.decode(current[0])
+      if holder.token == me.token:  # ours: the answer to our upload was lost, the retry refused
+        self._version = current[1]
+        break
+      why = holder.is_dead(self.timeout_s)
+      if why is None:
+        raise WorkdirLeasedError(
+            f"another run holds the workdir: {self.path} is held by {holder.describe()}. "
+            "Stop that run, or use another --workdir (a lease whose holder died is "
+            f"taken over; one on another host after {self.timeout_s:.0f} s without a "
+            "heartbeat: config.lease_timeout_s).")
+      self._version = self._store.replace(current[1], me.encode())
+      if self._version:
+        log.warning("Took over the lease %s from a dead run (%s): %s.", self.path,
+                    holder.describe(), why)
+        break
+    self.holder = me
+    self._thread = threading.Thread(target=self._beat, name="gta_jax-lease",
+                                    daemon=True)
+    self._thread.start()
+    return self
+
+  def _beat(self) -> None:
+    """Rewrites the heartbeat every `timeout_s / 10` s while the lease is held."""
+    while not self._stop.wait(self.timeout_s / 10):
+      beat = dataclasses.replace(self.holder, heartbeat=time.time())
+      try:
+        version = self._store.replace(self._version, beat.encode())
+        current = None if version else self._store.read()
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("Could not renew the lease %s (%s); trying again.", self.path, e)
+        continue
+      if current is not None and Holder.decode(current[0]).token == beat.token:
+        version = current[1]  # ours: the answer to our upload was lost
+      if not version:
+        other = Holder.decode(current[0]).describe() if current else "nobody"
+        log.error("Lost the lease %s (now held by %s): this run is no longer the only "
+                  "writer of its workdir.", self.path, other)
+        self.holder = None
+        return
+      self.holder, self._version = beat, version
+
+  def release(self) -> None:
+    """Stops the heartbeats and deletes the lease (if this run still holds it)."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    if self.holder is not None:
+      self._store.replace(self._version, None)
+      self.holder = None
