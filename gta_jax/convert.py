@@ -97,8 +97,8 @@ class Renamed:
   subsampled: object = None
 
   def file_name(self, name: str) -> str:
-    """The file's key of a torchvision-style name, or the name as the source would
-    spell it (for arrays the file lacks)."""
+    """The file's key of a torchvision-style name; an array the file lacks keeps
+    the torchvision-style name (messages add the model's variable)."""
     return self.file_keys.get(name, name)
 
 

@@ -1,0 +1,196 @@
+"""`python -m gta_jax.convert` on small checkpoints in mmaction2's key layout, written
+here (no PyTorch): every array lands where it belongs, and a file that does not fit
+is refused naming the arrays at fault. Parity with the peers' own networks:
+tests/test_convert_torch.py."""
+
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from gta_jax import config_lib
+from gta_jax import convert
+from gta_jax import pretrained
+from gta_jax.training import checkpoint
+
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+           "var": "running_var"}
+
+
+def small_config(temporal_modules="tsm"):
+  """A ResNet-50-style network with one block per stage, 8 channels wide."""
+  config = config_lib.synthetic_config(temporal_modules)
+  config.model.nl.placement = "res3:0;res4:0"
+  if "sub_sample" in config.model.nl:
+    config.model.nl.sub_sample = True
+  return config
+
+
+def mmaction2_key(path, tsm=True):
+  """mmaction2's key of a flax variable, spelled out from its ResNetTSM/NonLocal3d."""
+  _, *modules, leaf = path
+  leaf = _LEAVES[leaf]
+  if modules[0] == "stem_conv":
+    return f"backbone.conv1.conv.{leaf}"
+  if modules[0] == "stem_bn":
+    return f"backbone.conv1.bn.{leaf}"
+  if modules[0] == "head":
+    return f"cls_head.fc_cls.{leaf}"
+  stage, block = re.fullmatch(r"res(\d)_block(\d+)", modules[0]).groups()
+  layer = f"backbone.layer{int(stage) - 1}.{block}"
+  if modules[1] == "post":  # NL3DWrapper: the block under .block, the NL beside it
+    nonlocal_module = {"theta": "theta.conv", "phi": "phi.0.conv", "g": "g.0.conv",
+                       "out": "conv_out.conv", "bn": "conv_out.bn"}[modules[2]]
+    return f"{layer}.non_local_block.{nonlocal_module}.{leaf}"
+  name = modules[1]
+  if name.startswith("conv") or name == "downsample_conv":
+    module = "downsample.conv" if name == "downsample_conv" else f"{name}.conv"
+    if name == "conv1" and tsm:
+      module += ".net"
+  else:
+    module = "downsample.bn" if name == "downsample_bn" else f"conv{name[-1]}.bn"
+  return f"{layer}.{module}.{leaf}"
+
+
+def torch_layout(value, path):
+  """A flax array in PyTorch's layout: (kh, kw, in, out) -> (out, in, kh, kw), a
+  Dense (in, out) -> (out, in) (a Non-local projection: (out, in, 1, 1, 1))."""
+  if path[-1] != "kernel":
+    return value
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  if "post" in path:
+    return value.T[:, :, None, None, None]
+  return value.T
+
+
+@functools.lru_cache(maxsize=None)
+def random_variables(temporal_modules):
+  """A small model's variables with every array random, flat by path."""
+  shapes = pretrained.variable_shapes(small_config(temporal_modules))
+  rng = np.random.default_rng(0)
+  flat = traverse_util.flatten_dict(shapes)
+  return {path: rng.normal(size=s.shape).astype(np.float32) for path, s in flat.items()}
+
+
+def write_mmaction2_npz(path, temporal_modules="tsm", edit=None):
+  """The small model in mmaction2's layout (with a `phi` bias and BN counters)."""
+  state = {}
+  nonlocal_blocks = set()
+  for var_path, value in random_variables(temporal_modules).items():
+    key = mmaction2_key(var_path)
+    if "post" in var_path:
+      nonlocal_blocks.add(var_path[1])
+    state[key] = torch_layout(value, var_path)
+  for block in nonlocal_blocks:  # NL3DWrapper puts the wrapped block under .block
+    stage, index = re.fullmatch(r"res(\d)_block(\d+)", block).groups()
+    layer = f"backbone.layer{int(stage) - 1}.{index}."
+    for key in [k for k in state if k.startswith(layer) and "non_local_block" not in k]:
+      state[key.replace(layer, layer + "block.")] = state.pop(key)
+    state[layer + "non_local_block.phi.0.conv.bias"] = np.ones(4, np.float32)
+  for key in [k for k in state if k.endswith("running_var")]:
+    state[key] = np.abs(state[key]) + 0.5
+    state[key.replace("running_var", "num_batches_tracked")] = np.array(7)
+  if edit:
+    edit(state)
+  np.savez(path, **state)
+  return path
+
+
+@pytest.mark.parametrize("temporal_modules", ["tsm", "tsm,nl"])
+def test_every_array_lands_in_its_variable(tmp_path, temporal_modules):
+  path = write_mmaction2_npz(tmp_path / "small.npz", temporal_modules)
+  config = small_config(temporal_modules)
+  variables, plan, renamed = convert.convert_variables(str(path), "mmaction2", config)
+  flat = traverse_util.flatten_dict(variables)
+  want = random_variables(temporal_modules)
+  assert set(flat) == set(want)
+  for var_path, value in want.items():
+    expected = np.abs(value) + 0.5 if var_path[-1] == "var" else value
+    np.testing.assert_array_equal(flat[var_path], expected, err_msg=str(var_path))
+  assert len(plan.loaded) == len(want)
+  assert {why for _, why in plan.ignored} == {"BatchNorm step counter"}
+  if "nl" in temporal_modules:
+    assert renamed.notes == [
+        f"dropped backbone.layer{s}.0.non_local_block.phi.0.conv.bias: the softmax over "
+        "the keys cancels phi's bias" for s in (2, 3)]
+
+
+def test_the_run_restores_as_a_training_run(tmp_path):
+  path = write_mmaction2_npz(tmp_path / "small.npz")
+  config = small_config()
+  workdir = tmp_path / "run"
+  lines = convert.convert("mmaction2", str(path), config, "synthetic_tsm", str(workdir))
+  assert any("into every variable" in line for line in lines)
+  rebuilt = config_lib.from_file(str(workdir / "config.py"))
+  assert rebuilt.to_dict() == config.to_dict()  # the recipe plus the overrides
+  variables, step = checkpoint.restore_variables(rebuilt, workdir)
+  assert step == 0
+  flat = traverse_util.flatten_dict(jax.device_get(variables))
+  np.testing.assert_array_equal(flat[("params", "res3_block0", "conv1", "conv", "kernel")],
+                                random_variables("tsm")[("params", "res3_block0", "conv1",
+                                                         "conv", "kernel")])
+  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    convert.convert("mmaction2", str(path), config, "synthetic_tsm", str(workdir))
+
+
+def _drop(key):
+  return lambda state: state.pop(key)
+
+
+def _add(key, shape):
+  return lambda state: state.__setitem__(key, np.zeros(shape, np.float32))
+
+
+def _reshape(key):
+  return lambda state: state.__setitem__(key, state[key][:, :-1])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_drop("backbone.layer2.0.conv2.conv.weight"),
+     # A missing array has no key in the file: torchvision's name and the variable.
+     r"1 arrays missing.*\n  layer2\.0\.conv2\.weight is missing "
+     r"\(for res3_block0/conv2/conv\)"),
+    (_add("backbone.layer4.0.conv4.conv.weight", (3, 3)),
+     r"1 file entries unused.*\n  backbone\.layer4\.0\.conv4\.conv\.weight \(3, 3\) is "
+     r"in the file but not in the model"),
+    (_reshape("backbone.layer1.0.conv3.conv.weight"),
+     r"1 of another shape.*\n  backbone\.layer1\.0\.conv3\.conv\.weight has shape "
+     r"\(32, 7, 1, 1\), \(1, 1, 7, 32\) as flax; "
+     r"params/res2_block0/conv3/conv/kernel needs \(1, 1, 8, 32\)"),
+])
+def test_a_file_that_does_not_fit_is_refused_naming_the_arrays(tmp_path, edit, message):
+  path = write_mmaction2_npz(tmp_path / "bad.npz", edit=edit)
+  with pytest.raises(ValueError, match=message):
+    convert.convert_variables(str(path), "mmaction2", small_config())
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.model.update(temporal_modules="tsm,nl"),
+     r"another architecture than the config \(a ResNet .*\): the file has 0 Non-local "
+     r"blocks, the config's model.temporal_modules is 'tsm,nl'"),
+    (lambda c: c.model.update(arch="resnet3d"),
+     r"the file is a 2D network, the config's model.arch is 'resnet3d'"),
+    (lambda c: c.model.update(num_classes=400),
+     r"the file's classifier has 10 classes, config.model.num_classes is 400"),
+    (lambda c: c.model.update(stage_sizes="1,1,2,1"),
+     r"15 arrays missing.*\n  layer3\.1\.bn1\.\{running_mean,running_var,bias,weight\} "
+     r"is missing \(for res4_block1/bn1\)\n"),
+])
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, change, message):
+  path = write_mmaction2_npz(tmp_path / "small.npz")
+  config = small_config()
+  change(config)
+  with pytest.raises(ValueError, match=message):
+    convert.convert_variables(str(path), "mmaction2", config)
+
+
+def test_another_source_layout_is_refused(tmp_path):
+  path = write_mmaction2_npz(tmp_path / "small.npz")
+  with pytest.raises(ValueError, match=r"not in the tsm layout: no key starts with "
+                     r"'base_model\.' \(the first keys are \['backbone\."):
+    convert.convert_variables(str(path), "tsm", small_config())
