@@ -171,10 +171,10 @@ def check_architecture(renamed: Renamed, config: ml_collections.ConfigDict,
   if bool(arch["nonlocal_blocks"]) != wants_nl:
     problems.append(f"the file has {arch['nonlocal_blocks']} Non-local blocks, the "
                     f"config's model.temporal_modules is {m.temporal_modules!r}")
-  elif wants_nl and renamed.subsampled != m.nl.get("sub_sample", False):
+  elif wants_nl and renamed.subsampled != m.nl.sub_sample:
     problems.append(f"the file's Non-local blocks {'' if renamed.subsampled else 'do not '}"
-                    "max-pool their keys and values (sub_sample), config.model.nl."
-                    f"sub_sample is {m.nl.get('sub_sample', False)}")
+                    "max-pool their keys and values, config.model.nl.sub_sample is "
+                    f"{m.nl.sub_sample}")
   if arch["num_classes"] not in (None, m.num_classes):
     problems.append(f"the file's classifier has {arch['num_classes']} classes, "
                     f"config.model.num_classes is {m.num_classes}")

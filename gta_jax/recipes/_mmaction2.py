@@ -73,8 +73,8 @@ def tsm_r50(nonlocal_blocks: bool = False) -> ml_collections.ConfigDict:
     c.model.nl.kind = "3d"
     c.model.nl.reduction = 2
     c.model.nl.scaled = False
-    if "sub_sample" in c.model.nl:
-      c.model.nl.sub_sample = True
+    c.model.nl.sub_sample = True
+    c.model.nl.temporal_position = "none"
   _schedule(c, epochs=50, lr=0.02, batch=128, milestones=(25, 45), warmup_epochs=5,
             clip=20.0)
   c.optim.fc_lr_mult = 5.0
