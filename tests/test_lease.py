@@ -1,0 +1,162 @@
+"""The workdir lease (gta_jax/training/lease.py), locally and in a bucket (the GCS
+emulator, which answers `ifGenerationMatch` as GCS does), and train.py's use of it."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import gcs_emulator
+from gta_jax.training import lease as lease_lib
+from test_train_e2e import command, environment
+
+HOLD = ("import sys, time\n"
+        "from gta_jax.training import lease\n"
+        "lease.Lease(sys.argv[1], timeout_s=float(sys.argv[2])).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n")
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  with gcs_emulator.serve("leases") as served:
+    yield served
+
+
+@pytest.fixture(params=["local", "bucket"])
+def workdir(request, tmp_path, monkeypatch):
+  """A fresh workdir, local or `gs://leases/...` (the emulator's environment set)."""
+  if request.param == "local":
+    return str(tmp_path / "run")
+  served = request.getfixturevalue("emulator")
+  for key, value in served.env.items():
+    monkeypatch.setenv(key, value)
+  return f"gs://leases/{tmp_path.name}"
+
+
+def hold(workdir, timeout_s=300.0, env=None):
+  """A process holding the lease of `workdir`, once it says so."""
+  process = subprocess.Popen([sys.executable, "-c", HOLD, workdir, str(timeout_s)],
+                             stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, **(env or {})))
+  assert process.stdout.readline().strip() == "held"
+  return process
+
+
+def write_lease(workdir, **fields):
+  """Plants a lease of another holder (its fields overridden)."""
+  holder = lease_lib.Holder.me()
+  holder = lease_lib.Holder(**dict(holder.__dict__, **fields))
+  lease = lease_lib.Lease(workdir)
+  assert lease._store.create(holder.encode())  # pylint: disable=protected-access
+  return holder
+
+
+def read_lease(workdir):
+  current = lease_lib.Lease(workdir)._store.read()  # pylint: disable=protected-access
+  return None if current is None else json.loads(current[0])
+
+
+def test_a_live_holder_refuses_a_second_run_until_released(workdir):
+  first = lease_lib.Lease(workdir).acquire()
+  with pytest.raises(lease_lib.WorkdirLeasedError) as refused:
+    lease_lib.Lease(workdir).acquire()
+  message = str(refused.value)
+  holder = first.holder
+  assert f"host {holder.host}, process {holder.pid}, started " in message
+  assert time.strftime("%Y-%m-%d", time.gmtime(holder.started)) in message
+  first.release()
+  assert read_lease(workdir) is None
+  lease_lib.Lease(workdir).acquire().release()
+
+
+def test_a_killed_holder_is_taken_over_with_a_warning(workdir, caplog):
+  holder = hold(workdir)
+  assert read_lease(workdir)["pid"] == holder.pid
+  with pytest.raises(lease_lib.WorkdirLeasedError):
+    lease_lib.Lease(workdir).acquire()
+  holder.kill()
+  holder.wait()
+  with caplog.at_level(logging.WARNING):
+    lease = lease_lib.Lease(workdir).acquire()
+  assert f"process {holder.pid}" in caplog.text and "is gone" in caplog.text
+  assert read_lease(workdir)["pid"] == os.getpid()
+  lease.release()
+
+
+@pytest.mark.parametrize("age,taken_over", [(10.0, False), (1000.0, True)])
+def test_a_holder_on_another_host_is_dead_when_its_heartbeat_is_old(workdir, age,
+                                                                    taken_over):
+  write_lease(workdir, host="elsewhere", pid=1, heartbeat=time.time() - age)
+  if not taken_over:
+    with pytest.raises(lease_lib.WorkdirLeasedError, match="host elsewhere, process 1"):
+      lease_lib.Lease(workdir, timeout_s=300).acquire()
+    return
+  lease = lease_lib.Lease(workdir, timeout_s=300).acquire()
+  assert read_lease(workdir)["host"] != "elsewhere"
+  lease.release()
+
+
+def test_of_runs_racing_for_a_stale_lease_exactly_one_wins(workdir):
+  write_lease(workdir, host="elsewhere", pid=1, heartbeat=0.0)
+  won, refused = [], []
+
+  def contend():
+    try:
+      won.append(lease_lib.Lease(workdir).acquire())
+    except lease_lib.WorkdirLeasedError:
+      refused.append(1)
+
+  threads = [threading.Thread(target=contend) for _ in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert (len(won), len(refused)) == (1, 5)
+  assert read_lease(workdir)["token"] == won[0].holder.token
+  won[0].release()
+
+
+def test_the_holder_renews_its_heartbeat(workdir):
+  lease = lease_lib.Lease(workdir, timeout_s=0.5).acquire()
+  started = read_lease(workdir)["heartbeat"]
+  time.sleep(0.5)
+  assert read_lease(workdir)["heartbeat"] > started
+  # A contender with the same timeout sees a live holder.
+  with pytest.raises(lease_lib.WorkdirLeasedError):
+    lease_lib.Lease(workdir, timeout_s=0.5).acquire()
+  lease.release()
+
+
+@pytest.mark.slow
+def test_train_py_is_refused_at_once_and_starts_over_a_killed_holder(tmp_path):
+  """A second train.py on a live workdir stops within seconds naming the holder; once
+  the holder is SIGKILLed, train.py takes the lease over (and here stops later, at
+  a dataset that cannot be prepared)."""
+  workdir = tmp_path / "run"
+  holder = hold(str(workdir))
+  argv = command("train.py", workdir, tmp_path / "data")
+  begin = time.time()
+  result = subprocess.run(argv, env=environment(), capture_output=True, text=True,
+                          timeout=300, check=False)
+  elapsed = time.time() - begin
+  assert result.returncode == 1, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("train: WorkdirLeasedError: another run holds the workdir")
+  assert f"process {holder.pid}, started " in line
+  assert "Traceback" not in result.stderr
+  assert sorted(os.listdir(workdir)) == ["lease.json"]  # nothing else written
+  assert elapsed < 60, elapsed  # the time to start Python and JAX
+
+  holder.kill()
+  holder.wait()
+  result = subprocess.run(argv + ["--config.data.dataset=ucf101"], env=environment(),
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert f"Took over the lease {workdir}/lease.json" in result.stderr, result.stderr[-3000:]
+  assert "is not prepared" in result.stderr, result.stderr[-3000:]
+  assert not os.path.exists(workdir / "lease.json")  # released on the way out
