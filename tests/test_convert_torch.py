@@ -190,3 +190,147 @@ def test_converted_mmaction2_checkpoint_gives_mmaction2_logits(peer_outputs, rec
   relative = np.abs(logits - reference).max() / np.abs(reference).max()
   print(f"{recipe}: max |diff| / max |logit| = {relative:.2e}")
   assert relative < 1e-4, relative
+
+
+# Runs in the torch environment: the TSM authors' network (ops/models.py,
+# ops/temporal_shift.py, ops/non_local.py of mit-han-lab/temporal-shift-module),
+# re-derived on torchvision's ResNet with one bottleneck block per stage, their
+# names, random weights and BN statistics; saved as their main.py saves
+# (`{'epoch', 'arch', 'state_dict', 'best_prec1'}`, DataParallel's `module.`).
+TSM_SCRIPT = r"""
+import sys
+import numpy as np
+import torch
+from torch import nn
+import torchvision
+
+out, size, segments = sys.argv[1], int(sys.argv[2]), 8
+
+
+class TemporalShift(nn.Module):  # their blockres shift: wraps conv1 as `.net`
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  def forward(self, x):
+    nt, c, h, w = x.shape
+    x = x.view(nt // segments, segments, c, h, w)
+    fold = c // 8
+    shifted = torch.zeros_like(x)
+    shifted[:, :-1, :fold] = x[:, 1:, :fold]  # shift left
+    shifted[:, 1:, fold:2 * fold] = x[:, :-1, fold:2 * fold]  # shift right
+    shifted[:, :, 2 * fold:] = x[:, :, 2 * fold:]
+    return self.net(shifted.view(nt, c, h, w))
+
+
+class NonLocal3D(nn.Module):  # embedded Gaussian, sub_sample=True, bn_layer=True
+  def __init__(self, channels):
+    super().__init__()
+    inter = self.inter = channels // 2
+    pool = nn.MaxPool3d(kernel_size=(1, 2, 2))
+    self.g = nn.Sequential(nn.Conv3d(channels, inter, 1), pool)
+    self.theta = nn.Conv3d(channels, inter, 1)
+    self.phi = nn.Sequential(nn.Conv3d(channels, inter, 1), pool)
+    self.W = nn.Sequential(nn.Conv3d(inter, channels, 1), nn.BatchNorm3d(channels))
+
+  def forward(self, x):
+    b = x.shape[0]
+    g_x = self.g(x).view(b, self.inter, -1).permute(0, 2, 1)
+    theta_x = self.theta(x).view(b, self.inter, -1).permute(0, 2, 1)
+    phi_x = self.phi(x).view(b, self.inter, -1)
+    y = torch.softmax(theta_x @ phi_x, dim=-1) @ g_x
+    y = y.permute(0, 2, 1).contiguous().view(b, self.inter, *x.shape[2:])
+    return self.W(y) + x
+
+
+class NL3DWrapper(nn.Module):
+  def __init__(self, block):
+    super().__init__()
+    self.block = block
+    self.nl = NonLocal3D(block.bn3.num_features)
+
+  def forward(self, x):
+    x = self.block(x)
+    nt, c, h, w = x.shape
+    x = x.view(nt // segments, segments, c, h, w).transpose(1, 2)
+    x = self.nl(x)
+    return x.transpose(1, 2).contiguous().view(nt, c, h, w)
+
+
+class TSN(nn.Module):
+  def __init__(self, nonlocal_blocks):
+    super().__init__()
+    self.base_model = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.Bottleneck, [1, 1, 1, 1])
+    for layer in (self.base_model.layer1, self.base_model.layer2,
+                  self.base_model.layer3, self.base_model.layer4):
+      layer[0].conv1 = TemporalShift(layer[0].conv1)
+    if nonlocal_blocks:
+      self.base_model.layer2[0] = NL3DWrapper(self.base_model.layer2[0])
+      self.base_model.layer3[0] = NL3DWrapper(self.base_model.layer3[0])
+    self.base_model.fc = nn.Dropout(0.5)
+    self.new_fc = nn.Linear(2048, 400)
+
+  def forward(self, clip):  # (N, T, C, H, W)
+    n, t = clip.shape[:2]
+    logits = self.new_fc(self.base_model(clip.flatten(0, 1)))
+    return logits.view(n, t, -1).mean(dim=1)
+
+
+for name, nonlocal_blocks in (("tsm", False), ("tsm_nl", True)):
+  torch.manual_seed(1)
+  model = TSN(nonlocal_blocks)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0, 0.1)
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 2.0)
+      elif isinstance(module, (nn.Conv3d, nn.Linear)) and module.bias is not None:
+        module.bias.normal_(0, 0.1)
+  model.eval()
+  state = {"module." + k: v for k, v in model.state_dict().items()}
+  torch.save({"epoch": 50, "arch": "resnet50", "state_dict": state, "best_prec1": 0.0},
+             f"{out}/{name}.pth.tar")
+  clip = torch.randn(2, segments, 3, size, size)
+  with torch.no_grad():
+    logits = model(clip)
+  np.save(f"{out}/{name}_clip.npy", clip.numpy().transpose(0, 1, 3, 4, 2))
+  np.save(f"{out}/{name}_logits.npy", logits.numpy())
+"""
+
+# The TSM authors' fixture -> the recipe it is converted with, one block per stage.
+TSM_RECIPES = {
+    "tsm": ("k400_tsm_r50_8f", {}),
+    "tsm_nl": ("k400_tsm_nl_r50_mmaction2", {"model.nl.placement": "res3:0;res4:0"}),
+}
+
+
+@pytest.fixture(scope="module")
+def tsm_outputs(tmp_path_factory):
+  python = test_pretrained_torch.torch_python()
+  if python is None:
+    pytest.skip("PyTorch venv absent (see tests/test_pretrained_torch.py)")
+  out = tmp_path_factory.mktemp("tsm_authors")
+  subprocess.run([python, "-c", TSM_SCRIPT, str(out), str(SIZE)], check=True,
+                 timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  return out
+
+
+@pytest.mark.parametrize("name", list(TSM_RECIPES))
+def test_converted_tsm_authors_checkpoint_gives_their_logits(tsm_outputs, name, tmp_path):
+  recipe, overrides = TSM_RECIPES[name]
+  config = config_lib.from_file(recipes.path(recipe))
+  config.update_from_flattened_dict({"model.stage_sizes": "1,1,1,1", **overrides})
+  printed = convert.convert("tsm", str(tsm_outputs / f"{name}.pth.tar"), config, recipe,
+                            str(tmp_path))
+  if name == "tsm_nl":  # the output conv's bias, folded into its BatchNorm
+    assert sum("folded base_model.layer" in line for line in printed) == 2
+  clip = np.load(tsm_outputs / f"{name}_clip.npy")
+  logits = logits_of_run(tmp_path, tmp_path / "config.py", clip)
+  reference = np.load(tsm_outputs / f"{name}_logits.npy")
+  assert logits.shape == reference.shape == (2, 400)
+  relative = np.abs(logits - reference).max() / np.abs(reference).max()
+  print(f"TSM authors' {name}: max |diff| / max |logit| = {relative:.2e}")
+  assert relative < 1e-4, relative
