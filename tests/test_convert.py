@@ -14,7 +14,9 @@ from flax import traverse_util
 from gta_jax import config_lib
 from gta_jax import convert
 from gta_jax import pretrained
+from gta_jax import recipes
 from gta_jax.training import checkpoint
+from gta_jax.training import finetune
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
            "var": "running_var"}
@@ -193,3 +195,22 @@ def test_another_source_layout_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"not in the tsm layout: no key starts with "
                      r"'base_model\.' \(the first keys are \['backbone\."):
     convert.convert_variables(str(path), "tsm", small_config())
+
+
+@pytest.mark.parametrize("method", ["gta", "ssa"])
+@pytest.mark.parametrize("backbone", ["tsn", "tsm"])
+def test_finetune_recipes_take_the_whole_converted_backbone(method, backbone):
+  """`k400_<method>_r50_8f_from_<backbone>`: `init_from` a run converted with the
+  `k400_<backbone>_r50_mmaction2` recipe fills every variable but the new module's,
+  which `init_reinit` names (finetune.merge on the two models' shapes)."""
+  recipe = config_lib.from_file(recipes.path(f"k400_{method}_r50_8f_from_{backbone}"))
+  source = config_lib.from_file(recipes.path(f"k400_{backbone}_r50_mmaction2"))
+  assert recipe.init_from == f"runs/mmaction2_{backbone}_r50_k400"
+  fresh = traverse_util.flatten_dict(pretrained.variable_shapes(recipe), sep="/")
+  saved = {path: np.zeros(s.shape, s.dtype) for path, s in traverse_util.flatten_dict(
+      pretrained.variable_shapes(source), sep="/").items()}
+  _, report, problems = finetune.merge(fresh, saved, recipe.init_reinit)
+  assert not problems
+  assert sorted(report.loaded) == sorted(saved)
+  position = {"gta": "/post/", "ssa": "/inner/"}[method]
+  assert report.reinitialised and all(position in path for path in report.reinitialised)

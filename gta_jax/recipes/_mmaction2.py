@@ -114,3 +114,37 @@ def slowonly_r50() -> ml_collections.ConfigDict:
       pool1_temporal_stride=1, pool2=False))
   _schedule(c, epochs=150, lr=0.02, batch=128, milestones=(90, 130), warmup_epochs=10)
   return c
+
+
+# The workdirs docs/pretrained.md's convert commands write, by backbone.
+CONVERTED_RUNS = {"tsn": "runs/mmaction2_tsn_r50_k400", "tsm": "runs/mmaction2_tsm_r50_k400"}
+
+
+def finetune_from(method: str, backbone: str) -> ml_collections.ConfigDict:
+  """GTA or SSA on Kinetics-400 (8 segments), started from a converted mmaction2
+  TSN or TSM ResNet-50 (`config.init_from`, the run `CONVERTED_RUNS` names).
+
+  Every backbone variable and the 400-way classifier come from the run; the new
+  modules start fresh (`config.init_reinit`), as the identity on the backbone's
+  features: GTA's output BatchNorm scale is 0 (its default), and SSA uses its
+  residual switch (`x + BN(y)`, scale 0) instead of the paper's replacement of
+  conv1's feature, which would start far from the trained function. From TSM the
+  shift stays in every block (the weights were trained with it). The schedule is
+  ours, not measured: the method's recipe for 10 epochs at lr 0.001 per 64 clips
+  (a tenth of training from ImageNet), 1 epoch of warm-up.
+  """
+  if method not in ("gta", "ssa") or backbone not in CONVERTED_RUNS:
+    raise ValueError(f"finetune_from: method gta|ssa and backbone "
+                     f"{'|'.join(CONVERTED_RUNS)}, got {method!r}, {backbone!r}")
+  modules = f"tsm,{method}" if backbone == "tsm" else method
+  c = config_lib.k400_config(8, modules)
+  if method == "ssa":
+    config_lib.ssa_recipe(c, epochs=10)
+    c.model.ssa.residual = True
+    c.model.ssa.gate_init = 0.0
+  else:
+    config_lib.tsm_recipe(c, epochs=10)
+  c.optim.base_lr = 0.001
+  c.init_from = CONVERTED_RUNS[backbone]
+  c.init_reinit = "/post/" if method == "gta" else "/inner/"
+  return c
