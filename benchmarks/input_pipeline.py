@@ -31,6 +31,7 @@ import numpy as np
 
 from gta_jax import config_lib
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.data import transforms
 
 _WORKERS = flags.DEFINE_list("workers", ["0", "2", "4", "8"], "Worker counts to time.")
@@ -185,14 +186,14 @@ def main(argv):
   del argv
   c = make_config(0)
   t = time.perf_counter()
-  meta = pipeline.prepare(c.data)
+  meta = preparation.prepare(c.data)
   emit({"what": "prepared", "seconds": round(time.perf_counter() - t, 1),
         "videos": meta.num_examples, "frame_hw": [_HEIGHT.value, _WIDTH.value],
         "cpus": os.cpu_count()})
   rows = []
   for crop, short in _stage_configs():
     sc = make_config(0, crop, short)
-    pipeline.prepare(sc.data)
+    preparation.prepare(sc.data)
     h, w = sc.data.synthetic.height, sc.data.synthetic.width
     rows.append({"what": "CPU per clip", "clip": f"{_FRAMES.value}x{crop} from {h}x{w}",
                  **stage_times(sc)})

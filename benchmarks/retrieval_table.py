@@ -38,7 +38,7 @@ import numpy as np
 import run_cache
 
 from gta_jax import paths
-from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.data.builders import synthetic_captions
 from gta_jax.retrieval import data
 from gta_jax.retrieval import metrics
@@ -81,7 +81,7 @@ def prepared_config(row: str, data_dir: str) -> ml_collections.ConfigDict:
   config = run_cache.load_config(*ROWS[row][:2])
   config.data.data_dir = (os.path.join(run_cache.REPO, data_dir)
                           if paths.is_local(data_dir) else data_dir)
-  pipeline.prepare(config.data)
+  preparation.prepare(config.data)
   return config
 
 

@@ -36,6 +36,7 @@ from gta_jax import cli
 from gta_jax import paths
 from gta_jax import predict
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.evaluation import evaluate
 from gta_jax.models import registry
 from gta_jax.models import resnet
@@ -66,7 +67,7 @@ def extract_split(config, workdir: str, split: Optional[str] = None, step: Step 
   split = split or config.eval.split
   mesh = sharding.make_mesh()
   config = evaluate.for_devices(config)
-  meta = pipeline.prepare_dataset(config)
+  meta = preparation.prepare_dataset(config)
   source = pipeline.open_source(config, split)  # an unknown split fails here, named
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
   eval_step = steps.make_eval_step(registry.build_model(config), mesh, feature_layer=layer)

@@ -104,10 +104,11 @@ class SearchIndex(predict.Predictor):
     """`(video ids, embeddings (N, D))` of a prepared split of `config.data`."""
     # pylint: disable=g-import-not-at-top
     from gta_jax.data import pipeline
+    from gta_jax.data import preparation
     from gta_jax.retrieval import evaluate
     from gta_jax.training import sharding
     # pylint: enable=g-import-not-at-top
-    pipeline.prepare(self.config.data)
+    preparation.prepare(self.config.data)
     source = pipeline.open_source(self.config, split)
     ids = [source[i]["video_id"] for i in range(len(source))]
     ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in ids]

@@ -55,7 +55,7 @@ def tiny_gta_run(tmp_path_factory):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import synthetic_gta  # pylint: disable=g-import-not-at-top
-  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from gta_jax.data import preparation  # pylint: disable=g-import-not-at-top
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -64,7 +64,7 @@ def tiny_gta_run(tmp_path_factory):
                "data.synthetic.train_per_class": 1, "data.synthetic.val_per_class": 1,
                "data.num_workers": 0, "eval.num_clips": 2, "seed": TINY_GTA_SEED}
   config = set_keys(synthetic_gta.get_config(), overrides)
-  pipeline.prepare_dataset(config)
+  preparation.prepare_dataset(config)
   mesh = sharding.make_mesh()
   model, tx, _, _ = state_lib.build(config, mesh)
   state = state_lib.initial_state(config, model, tx, mesh)

@@ -15,6 +15,7 @@ import pytest
 
 from gta_jax import config_lib
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.data import transforms
 
 GREYS = [30, 90, 150, 210]
@@ -78,7 +79,7 @@ def check_labels(examples, class_names, grey_of_class):
 
 def prepare_and_check(d, class_names, num_examples, greys):
   """Prepares, checks the classes and split sizes, and every example's label."""
-  meta = pipeline.prepare(d)
+  meta = preparation.prepare(d)
   assert meta.class_names == class_names and meta.num_examples == num_examples
   return {split: check_labels(read_split(d, split), class_names, greys)
           for split in num_examples}
@@ -113,7 +114,7 @@ def test_video_folder_with_broken_files(tmp_path):
   root = tmp_path / "my_videos"
   greys = make_folder_dataset(root)
   d = data_config(tmp_path, "video_folder", root, prepare_workers=2)
-  meta = pipeline.prepare(d)
+  meta = preparation.prepare(d)
   assert meta.class_names == ("jump", "run", "swim")
   assert meta.num_examples == {"train": 7, "val": 3}
   train = check_labels(read_split(d, "train"), meta.class_names, greys)
@@ -126,7 +127,7 @@ def test_video_folder_with_broken_files(tmp_path):
   assert report["train"]["bad_frame_items"][0][0].endswith("img_00009.jpg")
   # Prepared: a second call is a no-op even without the source folder.
   os.rename(root, tmp_path / "moved")
-  assert pipeline.prepare(d) == meta
+  assert preparation.prepare(d) == meta
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -140,15 +141,15 @@ def test_video_folder_layout_errors(tmp_path, mutate, message):
     write_video(root / "train" / cls / "x.mp4", 100, num_frames=2)
   mutate(root)
   with pytest.raises(ValueError, match=message):
-    pipeline.prepare(data_config(tmp_path, "video_folder", root))
+    preparation.prepare(data_config(tmp_path, "video_folder", root))
 
 
 def test_video_folder_missing_or_empty_root(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
-    pipeline.prepare(data_config(tmp_path, "video_folder", tmp_path / "nope"))
+    preparation.prepare(data_config(tmp_path, "video_folder", tmp_path / "nope"))
   os.makedirs(tmp_path / "empty")
   with pytest.raises(ValueError, match="is empty"):
-    pipeline.prepare(data_config(tmp_path, "video_folder", tmp_path / "empty"))
+    preparation.prepare(data_config(tmp_path, "video_folder", tmp_path / "empty"))
 
 
 def test_video_folder_csv(tmp_path):
@@ -231,7 +232,7 @@ def test_ucf101_layout(tmp_path):
   prepare_and_check(d, ("ApplyEyeMakeup", "HandstandPushups"), {"train": 2, "test": 1}, greys)
   d.fold = 4
   with pytest.raises(ValueError, match="fold must be 1, 2 or 3, got 4"):
-    pipeline.prepare(d)
+    preparation.prepare(d)
 
 
 def test_hmdb51_layout(tmp_path):
@@ -254,7 +255,7 @@ def test_manual_dataset_without_manual_dir(tmp_path):
   c = config_lib.base_config()
   c.data.dataset, c.data.data_dir = "kinetics400", str(tmp_path)
   with pytest.raises(ValueError, match="(?s)manual_dir.*python -m gta_jax.data.prepare"):
-    pipeline.prepare_dataset(c)
+    preparation.prepare_dataset(c)
 
 
 def test_prepare_cli(tmp_path):
@@ -271,4 +272,4 @@ def test_prepare_cli(tmp_path):
   d = data_config(tmp_path, "video_folder", root, data_dir=str(tmp_path / "out"))
   from gta_jax.data import builders
   assert pipeline.is_prepared(builders.prepared_dir(d))
-  assert pipeline.prepare(d).num_examples == {"train": 2}
+  assert preparation.prepare(d).num_examples == {"train": 2}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gta_jax.data import builders
-from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.data import transforms
 from test_data_builders import data_config
 from test_data_builders import read_split
@@ -46,7 +46,7 @@ def grey_of(jpeg):
 
 def prepare(d):
   """Prepares `d`; returns ({split: {video_id: example}}, the prepared folder)."""
-  meta = pipeline.prepare(d)
+  meta = preparation.prepare(d)
   out = {split: {e["video_id"].decode(): e for e in read_split(d, split)}
          for split in meta.num_examples}
   path = builders.prepared_dir(d)
@@ -126,7 +126,7 @@ def test_captioned_folder_errors(tmp_path, files, message):
     for name, text in files.items():
       (root / name).write_text(text)
   with pytest.raises(ValueError, match=message):
-    pipeline.prepare(data_config(tmp_path, "captioned_folder", root))
+    preparation.prepare(data_config(tmp_path, "captioned_folder", root))
 
 
 # MSR-VTT -----------------------------------------------------------------------------
@@ -208,16 +208,16 @@ def test_msrvtt_errors(tmp_path):
   root = tmp_path / "msrvtt"
   d = data_config(tmp_path, "msrvtt", root, split_protocol="7k")
   with pytest.raises(ValueError, match=r"unknown protocol '7k'.*'1k-A', 'official'"):
-    pipeline.prepare(d)
+    preparation.prepare(d)
   d.split_protocol = "official"
   root.mkdir()
   with pytest.raises(ValueError, match="(?s)train_val_videodatainfo.json.*MSRVTT_data.json"):
-    pipeline.prepare(d)
+    preparation.prepare(d)
   make_msrvtt(root, merged=True)
   for vid in ("video4", "video5"):
     os.remove(root / "TrainValVideo" / f"{vid}.mp4")
   with pytest.raises(ValueError, match="none of the 2 test videos was found"):
-    pipeline.prepare(d)
+    preparation.prepare(d)
 
 
 # YouCook2 ----------------------------------------------------------------------------

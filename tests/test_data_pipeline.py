@@ -7,6 +7,7 @@ import pytest
 
 from gta_jax import config_lib
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.data import transforms
 
 
@@ -27,7 +28,7 @@ def tiny_config(data_dir, **data):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("data")
-  meta = pipeline.prepare_dataset(tiny_config(d))
+  meta = preparation.prepare_dataset(tiny_config(d))
   assert meta.num_examples == {"train": 30, "val": 20}
   return d
 
@@ -46,7 +47,7 @@ def assert_same_batches(a, b):
 
 def test_meta_and_noop(data_dir):
   c = tiny_config(data_dir)
-  meta = pipeline.prepare_dataset(c)  # prepared: a no-op
+  meta = preparation.prepare_dataset(c)  # prepared: a no-op
   assert meta.name == "synthetic_motion" and meta.num_classes == 10
   assert meta.class_names[:2] == ("moving_right", "moving_left")
 
@@ -76,7 +77,7 @@ def test_num_classes_mismatch_names_both(data_dir):
   c = tiny_config(data_dir)
   c.model.num_classes = 174
   with pytest.raises(ValueError, match=r"174.*10 classes"):
-    pipeline.prepare_dataset(c)
+    preparation.prepare_dataset(c)
 
 
 @pytest.mark.parametrize("sampling", ["segment", "dense"])
@@ -361,7 +362,7 @@ def test_concurrent_preparation_is_race_free(tmp_path, monkeypatch):
 
   def worker():
     start.wait()
-    results.append(pipeline.prepare_dataset(c))
+    results.append(preparation.prepare_dataset(c))
 
   threads = [threading.Thread(target=worker) for _ in range(3)]
   for t in threads:

@@ -11,6 +11,7 @@ from conftest import set_keys
 
 from gta_jax import config_lib
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.data.builders import synthetic_captions as sc
 from gta_jax.data.builders import synthetic_motion as sm
 from gta_jax.retrieval import data
@@ -180,7 +181,7 @@ def test_captions_name_the_draw_and_parse_back():
 
 def test_prepared_twins_are_reversed_and_differ_in_motion_words(tmp_path):
   config = tiny_config(tmp_path=tmp_path)
-  meta = pipeline.prepare(config.data)
+  meta = preparation.prepare(config.data)
   assert meta.num_examples == {"train": 20, "val": 10}
   source = pipeline.open_source(config, "val")
   by_id = {source[i]["video_id"].decode() if isinstance(source[i]["video_id"], bytes)
@@ -242,7 +243,7 @@ def from_classification_run(tiny_gta_run, encoder):
   config.model.gta = tiny_gta_run["config"].model.gta
   config.init_from = tiny_gta_run["workdir"]
   config.retrieval.video_encoder = encoder
-  pipeline.prepare(config.data)
+  preparation.prepare(config.data)
   return config
 
 
@@ -288,7 +289,7 @@ def test_word_vectors_start_the_embeddings_of_the_vocabulary(tmp_path):
   """The rows of the vocabulary's words that a GloVe-style file has come from it; the
   others (and <pad>, <unk>) keep their random initialisation."""
   config = tiny_config(tmp_path=tmp_path)
-  pipeline.prepare(config.data)
+  preparation.prepare(config.data)
   words = data.vocabulary(config).words
   rng = np.random.default_rng(0)
   given = {w: rng.normal(size=config.text.word_dim).astype(np.float32) for w in words[2:6]}

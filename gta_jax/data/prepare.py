@@ -24,6 +24,7 @@ from gta_jax import config_lib
 from gta_jax import paths
 from gta_jax.data import builders
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 
 _CONFIG = cli.define_config_flag("Optional.", lock_config=False)
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Dataset name.")
@@ -58,7 +59,7 @@ def main(argv):
   d = data_config_from_flags()
   path = builders.prepared_dir(d)
   was_prepared = pipeline.is_prepared(path)
-  meta = pipeline.prepare(d)
+  meta = preparation.prepare(d)
   report_path = paths.path(path) / "prepare_report.json"
   report = json.loads(report_path.read_text()) if report_path.exists() else {}
   print(f"{meta.name}: {'already prepared' if was_prepared else 'prepared'} in {meta.path}")

@@ -14,6 +14,7 @@ from absl import logging
 
 from gta_jax import paths
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.evaluation import evaluator
 from gta_jax.evaluation import metrics
 from gta_jax.evaluation import reports
@@ -97,7 +98,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike,
   split = split or config.eval.split
   mesh = sharding.make_mesh()
   config = for_devices(config)
-  meta = pipeline.prepare_dataset(config)
+  meta = preparation.prepare_dataset(config)
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
   eval_step = steps.make_eval_step(registry.build_model(config), mesh)
   predictions, summary = validate(config, eval_step, variables, mesh, split, progress=True)

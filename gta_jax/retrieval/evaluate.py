@@ -18,6 +18,7 @@ from absl import logging
 
 from gta_jax import paths
 from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.evaluation import evaluate as classification_eval
 from gta_jax.evaluation import evaluator
 from gta_jax.evaluation import reports
@@ -112,7 +113,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike,
   split = split or config.eval.split
   mesh = sharding.make_mesh()
   config = classification_eval.for_devices(config)
-  pipeline.prepare(config.data)
+  preparation.prepare(config.data)
   variables, step = checkpoint.restore_variables(config, workdir, step, mesh)
   summary, details = validate(Embedder(config, mesh, workdir), variables, split,
                               progress=True)

@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 
 from gta_jax import paths
 from gta_jax import tasks
-from gta_jax.data import pipeline
+from gta_jax.data import preparation
 from gta_jax.training import checkpoint
 from gta_jax.training import lease as lease_lib
 from gta_jax.training import sharding
@@ -153,9 +153,9 @@ def prepare_data(config: ml_collections.ConfigDict) -> Any:
   """Prepares the dataset on process 0 first, then opens it everywhere."""
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      pipeline.prepare_dataset(config)
+      preparation.prepare_dataset(config)
     multihost_utils.sync_global_devices("gta_jax: dataset prepared")
-  return pipeline.prepare_dataset(config)
+  return preparation.prepare_dataset(config)
 
 
 def _raise_if_nonfinite(pending: Pending, host: List[Dict[str, Any]]) -> None:

@@ -1,0 +1,185 @@
+"""Prepares datasets into ArrayRecord, once, for `pipeline` to read.
+
+* `prepare(data_config)`: prepares `data_config.dataset` if it is not (a no-op when
+  it is) and returns its `pipeline.DatasetMeta`.
+* `prepare_dataset(config)`: the same, race-free across processes (one prepares, the
+  others wait for it), checked against `config.model.num_classes`.
+
+A local dataset is prepared under a lock file beside it. One prepared for a bucket
+`data_dir` (`gs://...`) is written to a local staging folder first, then copied up
+with `dataset_info.json` last, so that a half-copied dataset is never seen as
+prepared. `python -m gta_jax.data.prepare` is the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+from gta_jax import paths
+from gta_jax.data import builders
+from gta_jax.data import pipeline
+from gta_jax.data.pipeline import DatasetMeta
+
+log = logging.getLogger(__name__)
+
+
+def _how_to_prepare(d) -> str:
+  return (f"Dataset {d.dataset!r} is not prepared under {d.data_dir!r} and "
+          "config.data.manual_dir is not set. Put its official files in a folder (docs/data.md "
+          "gives each layout), then either set --config.data.manual_dir=DIR, or run\n"
+          f"  python -m gta_jax.data.prepare --dataset={d.dataset} --manual_dir=DIR "
+          f"--data_dir={d.data_dir}")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
+
+
+def _held_by_dead_process(lock: str) -> bool:
+  """Whether `lock` names a process of this host that no longer runs."""
+  try:
+    host, pid = open(lock).read().split()
+    return host == socket.gethostname() and not _pid_alive(int(pid))
+  except (OSError, ValueError):
+    return False  # the lock is being written or was just removed
+
+
+def _remove_stale_lock(lock: str) -> None:
+  """Removes `lock` if its process is dead, checking again under a second lock so that
+  two processes that both saw it stale cannot remove a new preparer's lock."""
+  breaker = lock + ".break"
+  try:
+    os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    return  # another process is removing it
+  try:
+    if _held_by_dead_process(lock):
+      log.warning("Removing the stale lock %s of a dead process.", lock)
+      os.remove(lock)
+  finally:
+    os.remove(breaker)
+
+
+def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
+  """Runs `prepare_fn` unless `path` is prepared, in one process at a time.
+
+  A lock file next to `path` (O_EXCL) elects the preparing process; the others wait until
+  the data appears, and take over if the lock goes away without it (the preparer failed).
+  A lock left by a dead process on this host is removed; one left by another host must be
+  removed by hand (the message says where). On a data_dir that hosts do not share, each
+  host prepares its own copy. Local paths only (a bucket has no exclusive create).
+  """
+  lock = os.fspath(paths.path(path)) + ".lock"
+  os.makedirs(os.path.dirname(lock), exist_ok=True)
+  waited, last_log = 0.0, 0.0
+  while not pipeline.is_prepared(path):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      if _held_by_dead_process(lock):
+        _remove_stale_lock(lock)
+        continue
+      if waited - last_log >= 60:
+        log.info("Waiting for another process to prepare %s (lock %s, %.0f s).", path, lock,
+                 waited)
+        last_log = waited
+      time.sleep(poll_s)
+      waited += poll_s
+      continue
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+      if not pipeline.is_prepared(path):
+        prepare_fn()
+    finally:
+      os.remove(lock)
+
+
+def _build(data_config, num_workers: int) -> None:
+  builder = builders.make_builder(data_config, num_workers=num_workers)
+  log.info("Preparing %s into %s", data_config.dataset, builder.prepared_dir)
+  builder.download_and_prepare()
+  builder.write_report()
+
+
+def _upload_tree(local_dir: str, target: paths.PathLike, last: str) -> None:
+  """Copies the files under the local `local_dir` to `target` (any path), the one named
+  `last` after all the others."""
+  files = sorted((os.path.relpath(os.path.join(folder, name), local_dir)
+                  for folder, _, names in os.walk(local_dir) for name in names),
+                 key=lambda rel: (os.path.basename(rel) == last, rel))
+  target = paths.path(target)
+  for rel in files:
+    out = target / rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(local_dir, rel), "rb") as src, out.open("wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
+
+
+def _prepare_remote(data_config, num_workers: int) -> None:
+  """Prepares into a local staging folder (`$TMPDIR`), then copies the dataset up.
+
+  ArrayRecord files cannot be written to a bucket directly. `dataset_info.json` goes
+  up last, so that readers (which wait for it) never see a half-copied split.
+  """
+  with tempfile.TemporaryDirectory(prefix="gta_jax_prepare_") as staging:
+    local = data_config.copy_and_resolve_references()
+    local.data_dir = staging
+    _build(local, num_workers)
+    target = builders.prepared_dir(data_config)
+    log.info("Copying the prepared dataset to %s", target)
+    _upload_tree(builders.prepared_dir(local), target, last=pipeline.INFO_FILE)
+
+
+def prepare(data_config, *, num_workers: int | None = None) -> DatasetMeta:
+  """Prepares `data_config.dataset` (a no-op when prepared) and returns its metadata.
+
+  Raises:
+    ValueError: a manual dataset that is not prepared and has no `manual_dir`.
+  """
+  path = builders.prepared_dir(data_config)
+  workers = data_config.prepare_workers if num_workers is None else num_workers
+  if not pipeline.is_prepared(path):
+    if builders.needs_manual_dir(data_config.dataset) and not data_config.manual_dir:
+      raise ValueError(_how_to_prepare(data_config))
+    if data_config.manual_dir and not paths.is_local(data_config.manual_dir):
+      raise ValueError(
+          f"config.data.manual_dir={data_config.manual_dir!r}: the video decoders read "
+          "local files only; copy the official files to this machine (e.g. `gcloud "
+          "storage cp -r`) and point manual_dir there. data_dir may stay in a bucket.")
+    if paths.is_local(path):
+      _run_once(path, lambda: _build(data_config, workers))
+    else:
+      _prepare_remote(data_config, workers)
+  return pipeline.read_meta(path)
+
+
+def prepare_dataset(config) -> DatasetMeta:
+  """Prepares `config.data.dataset` if needed and checks `config.model.num_classes`.
+
+  Safe to call from every process: one prepares, the others wait for it.
+
+  Raises:
+    ValueError: the dataset is not prepared and cannot be (no manual_dir), or
+      `config.model.num_classes` differs from the dataset's class count.
+  """
+  meta = prepare(config.data)
+  if config.get("task", "classification") == "retrieval":
+    return meta  # no classifier: the class labels are metadata only
+  want = config.model.num_classes
+  if want != meta.num_classes:
+    raise ValueError(
+        f"config.model.num_classes is {want} but dataset {meta.name!r} ({meta.path}) has "
+        f"{meta.num_classes} classes; set --config.model.num_classes={meta.num_classes}.")
+  return meta
