@@ -4,7 +4,10 @@ is refused naming the arrays at fault. Parity with the peers' own networks:
 tests/test_convert_torch.py."""
 
 import functools
+import json
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,10 +16,13 @@ from flax import traverse_util
 
 from gta_jax import config_lib
 from gta_jax import convert
+from gta_jax import predict
 from gta_jax import pretrained
 from gta_jax import recipes
 from gta_jax.training import checkpoint
 from gta_jax.training import finetune
+
+import test_predict  # tests/: write_video, moving_blob
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
            "var": "running_var"}
@@ -86,7 +92,7 @@ def write_mmaction2_npz(path, temporal_modules="tsm", edit=None):
     if "post" in var_path:
       nonlocal_blocks.add(var_path[1])
     state[key] = torch_layout(value, var_path)
-  for block in nonlocal_blocks:  # NL3DWrapper puts the wrapped block under .block
+  for block in sorted(nonlocal_blocks):  # NL3DWrapper puts the wrapped block under .block
     stage, index = re.fullmatch(r"res(\d)_block(\d+)", block).groups()
     layer = f"backbone.layer{int(stage) - 1}.{index}."
     for key in [k for k in state if k.startswith(layer) and "non_local_block" not in k]:
@@ -115,7 +121,7 @@ def test_every_array_lands_in_its_variable(tmp_path, temporal_modules):
   assert len(plan.loaded) == len(want)
   assert {why for _, why in plan.ignored} == {"BatchNorm step counter"}
   if "nl" in temporal_modules:
-    assert renamed.notes == [
+    assert sorted(renamed.notes) == [
         f"dropped backbone.layer{s}.0.non_local_block.phi.0.conv.bias: the softmax over "
         "the keys cancels phi's bias" for s in (2, 3)]
 
@@ -214,3 +220,42 @@ def test_finetune_recipes_take_the_whole_converted_backbone(method, backbone):
   assert sorted(report.loaded) == sorted(saved)
   position = {"gta": "/post/", "ssa": "/inner/"}[method]
   assert report.reinitialised and all(position in path for path in report.reinitialised)
+
+
+@pytest.mark.slow
+def test_convert_then_predict_on_the_command_line(tmp_path):
+  """The commands of docs/pretrained.md: convert, then predict with the run's config.py."""
+  path = write_mmaction2_npz(tmp_path / "small.npz")
+  workdir = tmp_path / "run"
+  overrides = ["--config.model.nl.placement=res3:0;res4:0", "--config.model.nl.sub_sample=True"]
+  convert_cmd = [sys.executable, "-m", "gta_jax.convert", "--source=mmaction2",
+                 f"--checkpoint={path}", "--config=synthetic_tsm", *overrides,
+                 f"--workdir={workdir}"]
+  done = subprocess.run(convert_cmd, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"wrote {workdir}/checkpoints/0" in done.stdout
+  video = tmp_path / "blob.mp4"
+  test_predict.write_video(video, test_predict.moving_blob(11))
+  nowhere = tmp_path / "no_data"  # classes by index, wherever the test runs
+  predict_cmd = [sys.executable, "-m", "gta_jax.predict", f"--config={workdir}/config.py",
+                 f"--config.data.data_dir={nowhere}", f"--workdir={workdir}", "--json",
+                 str(video)]
+  done = subprocess.run(predict_cmd, capture_output=True, text=True, timeout=300,
+                        cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout)
+  assert result["checkpoint_step"] == 0
+  config = config_lib.from_file(str(workdir / "config.py"))
+  config.data.data_dir = str(nowhere)
+  predictor = predict.Predictor(config, str(workdir))
+  probs = predictor.predict_file(str(video))
+  (prediction,) = result["predictions"]
+  assert prediction["video"] == str(video)
+  best = prediction["top_k"][0]
+  assert best["class"] == str(np.argmax(probs))
+  np.testing.assert_allclose(best["probability"], probs.max(), rtol=1e-5)
+  convert_cmd[3] = "--source=tsm"
+  refused = subprocess.run(convert_cmd[:-1] + [f"--workdir={tmp_path / 'other'}"],
+                           capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 1
+  assert "error: " in refused.stderr and "not in the tsm layout" in refused.stderr
