@@ -9,8 +9,9 @@ start `jax.distributed` by themselves (`--single_process` prevents it); elsewher
 pass `--coordinator_address host:port --num_processes N --process_id I` to every
 process.
 
-A run that meets a non-finite loss (`config.nonfinite`) or a workdir held by another
-live run (its lease) stops with a one-line message and exit status 1.
+A run that meets a non-finite loss (`config.nonfinite`), a workdir held by another
+live run (its lease) or damaged prepared data stops with a one-line message and exit
+status 1.
 """
 
 from absl import app
@@ -19,6 +20,7 @@ from absl import logging
 
 from gta_jax import cli
 from gta_jax import tasks
+from gta_jax.data import pipeline
 from gta_jax.training import lease
 from gta_jax.training import loop
 from gta_jax.training import writers
@@ -39,7 +41,8 @@ def main(argv):
     summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                       validate=tasks.make_validator(_CONFIG.value,
                                                                     _WORKDIR.value))
-  except (loop.NonFiniteLossError, lease.WorkdirLeasedError) as e:
+  except (loop.NonFiniteLossError, lease.WorkdirLeasedError,
+          pipeline.CorruptDataError) as e:
     # Events of a run, not bugs: one line for the user, no traceback; exit status 1.
     raise SystemExit(f"train: {type(e).__name__}: {e}") from None
   import jax  # pylint: disable=g-import-not-at-top

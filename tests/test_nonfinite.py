@@ -51,9 +51,17 @@ def error_line(stderr):
 
 
 def checkpoint_state(workdir, step):
-  """A saved checkpoint's state and data position, as host arrays."""
+  """A saved checkpoint's state (on this process's one device, whatever devices
+  saved it) and data position."""
   folder = os.path.join(workdir, "checkpoints", str(step))
-  state = ocp.StandardCheckpointer().restore(os.path.join(folder, "state"))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(os.path.join(folder, "state"))
+    tree = getattr(metadata, "item_metadata", metadata)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        dict(getattr(tree, "tree", tree)))
+    state = checkpointer.restore(os.path.join(folder, "state"), target)
   with open(os.path.join(folder, "data_position", "metadata")) as f:
     return state, json.load(f)
 

@@ -14,6 +14,13 @@ directly.
 
 Only the sampled frames of a video are JPEG-decoded. Frames stay uint8 (normalise with
 `transforms.normalize`, on the device).
+
+Damaged data: a record that cannot be read (a truncated or damaged shard) raises
+`CorruptDataError` naming the shard file and the record. A training video whose frames
+do not decode is replaced by the next video of the stream that does (a function of the
+position alone, so a resumed run makes the same replacements); the main process logs
+the replaced videos and counts them, and stops with `CorruptDataError` past
+`config.data.max_bad_clips`.
 """
 
 from __future__ import annotations
@@ -64,8 +71,47 @@ def read_meta(path: paths.PathLike) -> DatasetMeta:
 # Reading -------------------------------------------------------------------------------
 
 
-def open_source(config, split: str):
-  """The prepared split as a grain random-access source (a tfds ArrayRecordDataSource)."""
+class CorruptDataError(RuntimeError):
+  """Prepared data that cannot be read or decoded (the message names what)."""
+
+
+class NamedRecordSource:
+  """A prepared split (a tfds ArrayRecordDataSource) whose read errors name the
+  shard file and the record in it."""
+
+  def __init__(self, source, split: str):
+    self.source = source
+    instructions = source.dataset_info.splits[split].file_instructions
+    self._shards = [(i.filename, i.skip) for i in instructions]
+    self._starts = np.cumsum([0] + [i.take for i in instructions])
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def where(self, index: int) -> str:
+    """`record R of SHARD_FILE` for element `index` of the split."""
+    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+    filename, skip = self._shards[shard]
+    return f"record {skip + index - int(self._starts[shard])} of {filename}"
+
+  def __getitem__(self, index):
+    try:
+      return self.source[int(index)]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptDataError(
+          f"cannot read {self.where(int(index))} (element {int(index)} of the split): "
+          f"{type(e).__name__}: {e}. The prepared dataset is damaged: delete its folder "
+          "and prepare it again.") from e
+
+  def __getitems__(self, indices):
+    try:
+      return self.source.__getitems__(indices)
+    except Exception:  # pylint: disable=broad-except
+      return [self[i] for i in indices]  # the first unreadable one raises, named
+
+
+def open_source(config, split: str) -> NamedRecordSource:
+  """The prepared split as a grain random-access source (`NamedRecordSource`)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   path = builders.prepared_dir(config.data)
   if not is_prepared(path):
@@ -75,7 +121,7 @@ def open_source(config, split: str):
   if split not in builder.info.splits:
     raise ValueError(f"{config.data.dataset!r} has no split {split!r}; its splits are "
                      f"{sorted(builder.info.splits)}.")
-  return builder.as_data_source(split)
+  return NamedRecordSource(builder.as_data_source(split), split)
 
 
 def _frame_indices(data_config, num_frames: int, *, train: bool, rng=None, view: int = 0,
@@ -123,19 +169,71 @@ class TrainTransform(grain.transforms.RandomMap):  # pylint: disable=abstract-me
     d = self.data
     frames = element["frames"]
     idx = _frame_indices(d, len(frames), train=True, rng=rng)
-    if d.decoder == "dali":
-      box, flip = transforms.train_crop(*transforms.jpeg_size(frames[int(idx[0])]),
-                                        d.crop_size, d.scales, d.flip, rng)
-      out = {"jpegs": np.array([frames[int(i)] for i in idx], dtype=object),
-             "box": np.int32(box), "flip": np.bool_(flip)}
-    else:
-      out = {"video": transforms.train_clip(frames, idx, d.crop_size, d.scales, d.flip, rng)}
+    try:
+      if d.decoder == "dali":
+        box, flip = transforms.train_crop(*transforms.jpeg_size(frames[int(idx[0])]),
+                                          d.crop_size, d.scales, d.flip, rng)
+        out = {"jpegs": np.array([frames[int(i)] for i in idx], dtype=object),
+               "box": np.int32(box), "flip": np.bool_(flip)}
+      else:
+        out = {"video": transforms.train_clip(frames, idx, d.crop_size, d.scales, d.flip,
+                                              rng)}
+    except ValueError as e:  # undecodable JPEG bytes
+      return BadClip(_video_name(element), str(e))
     out["label"] = np.int32(element["label"])
     if self.with_index:
       out["video_index"] = np.int64(element["index"])
     if self.caption_encoder is not None:
       out.update(self.caption_encoder.sample(element["captions"], rng))
     return out
+
+
+def _video_name(element) -> str:
+  name = element.get("video_id", element.get("index", "?"))
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class BadClip:
+  """What `TrainTransform` makes of a video whose frames do not decode."""
+  video: str
+  error: str
+
+
+class ReplaceBadClips(grain.MapDataset):
+  """Clip `i` of the stream, or if it is a `BadClip`, the next clip after it that is
+  not; each gets `bad_videos`, the replaced videos and their errors ('' if none,
+  else one `video: error` line each).
+
+  At most `max_bad` clips in a row are replaced; more raise `CorruptDataError`.
+  """
+
+  def __init__(self, parent: grain.MapDataset, max_bad: int):
+    super().__init__(parent)
+    self._max_bad = max_bad
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._replace(index, self._parent[index])
+
+  def _getitems(self, indices):
+    elements = self._parent._getitems(indices)  # pylint: disable=protected-access
+    return [self._replace(i, e) for i, e in zip(indices, elements)]
+
+  def _replace(self, index: int, element):
+    bad = []
+    while isinstance(element, BadClip):
+      bad.append(f"{element.video}: " + " ".join(element.error.split()))
+      if len(bad) > self._max_bad:
+        raise CorruptDataError(
+            f"{len(bad)} training videos in a row do not decode (config.data."
+            f"max_bad_clips={self._max_bad}): " + "; ".join(bad))
+      element = self._parent[index + len(bad)]
+    return dict(element, bad_videos=np.str_("\n".join(bad)))
 
 
 class EvalTransform(grain.transforms.Map):
@@ -155,8 +253,12 @@ class EvalTransform(grain.transforms.Map):
     idx = np.concatenate([
         _frame_indices(d, len(frames), train=False, view=c, num_views=self.num_clips)
         for c in range(self.num_clips)])
-    scale = transforms.short_side_scale(*transforms.jpeg_size(frames[0]), d.test_scale)
-    decoded = transforms.decode_frames(frames, idx, scale)
+    try:
+      scale = transforms.short_side_scale(*transforms.jpeg_size(frames[0]), d.test_scale)
+      decoded = transforms.decode_frames(frames, idx, scale)
+    except ValueError as e:
+      raise CorruptDataError(f"cannot decode the frames of video "
+                             f"{_video_name(element)}: {e}") from e
     clips = decoded.reshape((self.num_clips, t) + decoded.shape[1:])
     views = np.stack([transforms.eval_crops(c, s, d.test_scale, self.num_crops)
                       for c in clips])  # (clips, crops, T, S, S, 3)
@@ -272,6 +374,7 @@ class BatchIterator:
     self._data_config = data_config
     self._next = 0
     self._it = None
+    self.bad_clips = 0  # replaced clips this iterator has handed out
 
   def __iter__(self):
     return self
@@ -284,7 +387,25 @@ class BatchIterator:
     self.start_prefetch()
     batch = next(self._it)
     self._next += 1
+    if "bad_videos" in batch:
+      self._count_bad_clips(batch.pop("bad_videos"))
     return batch
+
+  def _count_bad_clips(self, bad_videos: np.ndarray) -> None:
+    """Logs the replaced clips of a batch; raises past `data.max_bad_clips`."""
+    bad = [line for lines in bad_videos for line in str(lines).splitlines()]
+    if not bad:
+      return
+    self.bad_clips += len(bad)
+    limit = self._data_config.max_bad_clips
+    log.warning("batch %d: replaced %d training clips that do not decode by the next "
+                "of the stream (%d so far, config.data.max_bad_clips=%d): %s",
+                self._next - 1, len(bad), self.bad_clips, limit, "; ".join(bad))
+    if self.bad_clips > limit:
+      raise CorruptDataError(
+          f"{self.bad_clips} training clips did not decode, more than config.data."
+          f"max_bad_clips={limit} (the last: {'; '.join(bad)}); the prepared dataset "
+          "is damaged: prepare it again")
 
   def get_state(self) -> bytes:
     return json.dumps({"next_batch": self._next}).encode()
@@ -391,6 +512,7 @@ def make_train_loader(config, *, seed: int, process_index: int, process_count: i
   ds = ds.shuffle(seed=int(seed)).repeat(None)  # each epoch reshuffled by seed + epoch
   transform = transform or TrainTransform(d, with_index, caption_encoder)
   ds = ds.random_map(transform, seed=int(seed))
+  ds = ReplaceBadClips(ds, int(d.max_bad_clips))
   # Local batches in global order: global batch g is local batches g*P .. g*P + P-1.
   ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
   if d.decoder == "dali":

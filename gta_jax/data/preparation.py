@@ -8,7 +8,9 @@
 A local dataset is prepared under a lock file beside it. One prepared for a bucket
 `data_dir` (`gs://...`) is written to a local staging folder first, then copied up
 with `dataset_info.json` last, so that a half-copied dataset is never seen as
-prepared. `python -m gta_jax.data.prepare` is the command line.
+prepared. Each shard is checked to hold the records the dataset lists (a truncated
+shard stops preparation, named), and each copied file to have its size.
+`python -m gta_jax.data.prepare` is the command line.
 """
 
 from __future__ import annotations
@@ -106,11 +108,41 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
       os.remove(lock)
 
 
+def check_shards(path: paths.PathLike) -> None:
+  """Checks that every ArrayRecord shard of the prepared dataset at `path` holds the
+  records its `dataset_info.json` lists (a truncated shard holds fewer).
+
+  Only the shards' indices are read (damaged record bytes are found, and named, when
+  the record is read: `pipeline.NamedRecordSource`).
+
+  Raises:
+    pipeline.CorruptDataError: naming the shard file.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  info = tfds.builder_from_directory(os.fspath(paths.path(path))).info
+  for split in info.splits.values():
+    for shard in split.file_instructions:
+      try:
+        reader = array_record_module.ArrayRecordReader(shard.filename)
+        found = reader.num_records()
+        reader.close()
+        problem = (None if found == shard.examples_in_shard else
+                   f"holds {found} records, {split.name!r} lists {shard.examples_in_shard}")
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f"cannot be opened ({type(e).__name__}: {e})"
+      if problem:
+        raise pipeline.CorruptDataError(
+            f"shard {shard.filename} {problem}: it is truncated or damaged. Delete "
+            f"{path} and prepare it again.")
+
+
 def _build(data_config, num_workers: int) -> None:
   builder = builders.make_builder(data_config, num_workers=num_workers)
   log.info("Preparing %s into %s", data_config.dataset, builder.prepared_dir)
   builder.download_and_prepare()
   builder.write_report()
+  check_shards(builder.prepared_dir)
 
 
 def _upload_tree(local_dir: str, target: paths.PathLike, last: str) -> None:
@@ -125,6 +157,10 @@ def _upload_tree(local_dir: str, target: paths.PathLike, last: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(os.path.join(local_dir, rel), "rb") as src, out.open("wb") as dst:
       shutil.copyfileobj(src, dst, length=16 << 20)
+    size, copied = os.path.getsize(os.path.join(local_dir, rel)), out.stat().length
+    if copied != size:
+      raise pipeline.CorruptDataError(f"copying {rel} to {out} gave {copied} bytes, not "
+                                      f"{size}: the copy is truncated")
 
 
 def _prepare_remote(data_config, num_workers: int) -> None:
