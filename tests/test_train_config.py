@@ -20,6 +20,11 @@ def tiny_config():
     ("batch_size", 0, "config.batch_size"),
     ("eval.batch_size", 0, "config.eval.batch_size"),
     ("optim.label_smoothing", 1.0, "config.optim.label_smoothing"),
+    ("nonfinite", "ignore", "config.nonfinite must be one of"),
+    ("nonfinite_skip_batches", -1, "config.nonfinite_skip_batches"),
+    ("nonfinite_max_rollbacks", -1, "config.nonfinite_max_rollbacks"),
+    ("lease_timeout_s", 0.0, "config.lease_timeout_s"),
+    ("data.max_bad_clips", -1, "config.data.max_bad_clips"),
 ])
 def test_loop_settings_are_checked(key, value, match):
   c = tiny_config()

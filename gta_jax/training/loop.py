@@ -114,9 +114,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.nonfinite must be one of {NONFINITE_POLICIES}, got "
                      f"{config.nonfinite!r}")
-  for key in ("nonfinite_skip_batches", "nonfinite_max_rollbacks"):
-    if not isinstance(config[key], int) or config[key] < 0:
-      raise ValueError(f"config.{key} must be an int >= 0, got {config[key]!r}")
+  for key, value in (("nonfinite_skip_batches", config.nonfinite_skip_batches),
+                     ("nonfinite_max_rollbacks", config.nonfinite_max_rollbacks),
+                     ("data.max_bad_clips", config.data.max_bad_clips)):
+    if not isinstance(value, int) or value < 0:
+      raise ValueError(f"config.{key} must be an int >= 0, got {value!r}")
   if not isinstance(config.lease_timeout_s, (int, float)) or config.lease_timeout_s <= 0:
     raise ValueError(f"config.lease_timeout_s must be > 0 seconds, got "
                      f"{config.lease_timeout_s!r}")
