@@ -5,6 +5,9 @@ may be local (`./runs/x`, `~/data`) or any URL `etils.epath` opens (`gs://bucket
 through gcsfs without TensorFlow). Local paths are expanded (`~`) and made absolute,
 as orbax requires; URLs are kept as given. Everything else in the project reads and
 writes user paths through the `epath.Path` these functions return.
+
+The first URL turns on the project's retries of bucket requests (`gta_jax.retries`:
+bounded, with backoff, logged) in gcsfs and orbax's tensorstore.
 """
 
 import contextlib
@@ -15,6 +18,8 @@ import tempfile
 from typing import Iterator, Union
 
 from etils import epath
+
+from gta_jax import retries
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,6 +34,8 @@ def path(p: PathLike) -> epath.Path:
   p = os.fspath(p)
   if is_local(p):
     p = os.path.abspath(os.path.expanduser(p))
+  else:
+    retries.install()
   return epath.Path(p)
 
 

@@ -79,3 +79,21 @@ def tiny_gta_run(tmp_path_factory):
   ckpt.close()
   return dict(config=config, overrides=overrides, workdir=str(root / "run"), root=root,
               variables=jax.device_get(state.variables))
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  """A local GCS emulator with `gs://bucket` (tests/gcs_emulator.py); this module's
+  tests and their children use it. `bucket.faulty(...)` makes it fail requests for a while."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  with gcs_emulator.serve("bucket") as emulator:
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    os.environ.update(emulator.env)
+    try:
+      yield emulator
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v

@@ -15,9 +15,16 @@ that step again, and a read that failed for a passing reason loses nothing).
 
 For inference, :func:`restore_variables` gives the `params` and `batch_stats` of
 the latest or the best checkpoint of a workdir.
+
+A test hook kills the process inside a save (tests/test_faults_save.py):
+`GTA_JAX_TEST_KILL_IN_SAVE=<event>@<n>` sends it SIGKILL when orbax reports `<event>`
+(one of its `jax.monitoring` events, e.g. `/jax/orbax/write/background_ts_duration_secs`
+once the arrays are written) during the `<n>`-th save of the process.
 """
 
 import json
+import os
+import signal
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jax
@@ -30,6 +37,8 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from gta_jax import paths
+from gta_jax.training import errors
+from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
 
 # The checkpoint metric that names the best step: the validation score of the task
@@ -39,8 +48,7 @@ DATA_ITEM = "data_position"
 LEGACY_DATA_ITEM = "data"  # grain's per-process iterator files, before data_position
 
 
-class IncompatibleCheckpointError(ValueError):
-  """The checkpoint holds another model than the config describes."""
+IncompatibleCheckpointError = errors.IncompatibleCheckpointError
 
 
 class UnreadableCheckpointsError(RuntimeError):
@@ -49,6 +57,28 @@ class UnreadableCheckpointsError(RuntimeError):
 
 def checkpoint_dir(workdir: paths.PathLike) -> epath.Path:
   return paths.path(workdir) / "checkpoints"
+
+
+KILL_HOOK = "GTA_JAX_TEST_KILL_IN_SAVE"
+_SAVE_STARTED = "/jax/orbax/write/async/start"  # orbax's first event of each save
+
+
+def _install_kill_hook() -> None:
+  """Installs the test hook that `GTA_JAX_TEST_KILL_IN_SAVE` asks for (see the module
+  docstring); once per process."""
+  if not os.environ.get(KILL_HOOK) or getattr(_install_kill_hook, "done", False):
+    return
+  _install_kill_hook.done = True
+  event, _, save = os.environ[KILL_HOOK].rpartition("@")
+  saves = [0]
+
+  def listener(name: str, *unused_args, **unused_kwargs) -> None:
+    saves[0] += name == _SAVE_STARTED
+    if name == event and saves[0] == int(save):
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  jax.monitoring.register_event_listener(listener)
+  jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 class Checkpointer:
@@ -63,6 +93,7 @@ class Checkpointer:
   def __init__(self, workdir: paths.PathLike, keep: int = 2, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
+    _install_kill_hook()
     self.directory = checkpoint_dir(workdir)
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
@@ -276,7 +307,6 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: paths.PathLike
     FileNotFoundError: no checkpoint in `workdir` (or not that step).
     IncompatibleCheckpointError: the checkpoint holds another model than `config`.
   """
-  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   if not checkpoint_dir(workdir).exists():
     raise FileNotFoundError(
         f"no checkpoints in {workdir}: {checkpoint_dir(workdir)} does not exist (is it "

@@ -31,7 +31,7 @@ from etils import epath
 from flax import traverse_util
 
 from gta_jax import paths
-from gta_jax.training import checkpoint
+from gta_jax.training import errors
 
 COLLECTIONS = ("params", "batch_stats")
 CLASSIFIER = re.compile(r"^head/fc/")
@@ -136,7 +136,8 @@ def load_init_from(variables: Any, config) -> Any:
 
   Raises:
     FileNotFoundError: the path or its checkpoints do not exist.
-    checkpoint.IncompatibleCheckpointError: a checkpoint of another architecture.
+    errors.IncompatibleCheckpointError: a checkpoint of another architecture
+      (`checkpoint.IncompatibleCheckpointError` is the same class).
     ValueError: `config.init_reinit` is not a regex.
   """
   try:
@@ -147,7 +148,7 @@ def load_init_from(variables: Any, config) -> Any:
   fresh = traverse_util.flatten_dict(variables, sep="/")
   merged, report, problems = merge(fresh, read_variables(step_dir), config.init_reinit)
   if problems:
-    raise checkpoint.IncompatibleCheckpointError(
+    raise errors.IncompatibleCheckpointError(
         f"config.init_from: {step_dir} holds another architecture than the config "
         f"describes ({len(problems)} arrays differ: {'; '.join(problems[:SHOWN])}"
         f"{'; ...' if len(problems) > SHOWN else ''}). Start from a run of the same "

@@ -12,6 +12,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from gta_jax import pretrained
+from gta_jax.models import registry
+from gta_jax.training import finetune
+from gta_jax.training import optim
+from gta_jax.training import sharding
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -73,11 +79,9 @@ def load_pretrained(variables: Any, config: ml_collections.ConfigDict) -> Any:
                      f"(a run of this project), not both: got {config.model.pretrained!r} "
                      f"and {config.init_from!r}")
   if config.init_from:
-    from gta_jax.training import finetune  # pylint: disable=g-import-not-at-top
     return finetune.load_init_from(variables, config)
   if not config.model.pretrained:
     return variables
-  from gta_jax import pretrained  # pylint: disable=g-import-not-at-top
   return pretrained.load_pretrained(variables, config.model.pretrained, config)
 
 
@@ -122,9 +126,6 @@ def build(config: ml_collections.ConfigDict, mesh=None):
     `(model, tx, learning_rate_fn, abstract_state)`; `abstract_state` holds
     `jax.ShapeDtypeStruct`s.
   """
-  from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import optim  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   model = registry.build_model(config)
   variables = jax.eval_shape(lambda: init_variables(model, config, jax.random.key(0)))
   tx = optim.make_optimizer(config, variables["params"])
@@ -152,7 +153,6 @@ def _run_once(fn, *args, out_shardings=None):
 def initial_state(config: ml_collections.ConfigDict, model, tx, mesh) -> TrainState:
   """A fresh replicated state: random init from `config.seed`, then pretrained weights
   or those of `config.init_from` (:func:`load_pretrained`)."""
-  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
   rep = sharding.replicated(mesh)
   rng = jax.random.key(config.seed)
   if not loads_weights(config):
