@@ -16,7 +16,6 @@ from flax import traverse_util
 
 from gta_jax import config_lib
 from gta_jax import convert
-from gta_jax import predict
 from gta_jax import pretrained
 from gta_jax import recipes
 from gta_jax.training import checkpoint
@@ -224,7 +223,8 @@ def test_finetune_recipes_take_the_whole_converted_backbone(method, backbone):
 
 @pytest.mark.slow
 def test_convert_then_predict_on_the_command_line(tmp_path):
-  """The commands of docs/pretrained.md: convert, then predict with the run's config.py."""
+  """The commands of docs/pretrained.md: convert, then predict with the run's config.py
+  (predict's numbers against a reference: tests/test_predict.py)."""
   path = write_mmaction2_npz(tmp_path / "small.npz")
   workdir = tmp_path / "run"
   overrides = ["--config.model.nl.placement=res3:0;res4:0", "--config.model.nl.sub_sample=True"]
@@ -245,15 +245,10 @@ def test_convert_then_predict_on_the_command_line(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads(done.stdout)
   assert result["checkpoint_step"] == 0
-  config = config_lib.from_file(str(workdir / "config.py"))
-  config.data.data_dir = str(nowhere)
-  predictor = predict.Predictor(config, str(workdir))
-  probs = predictor.predict_file(str(video))
   (prediction,) = result["predictions"]
   assert prediction["video"] == str(video)
-  best = prediction["top_k"][0]
-  assert best["class"] == str(np.argmax(probs))
-  np.testing.assert_allclose(best["probability"], probs.max(), rtol=1e-5)
+  classes = [entry["class"] for entry in prediction["top_k"]]
+  assert len(classes) == 5 and set(classes) <= {str(i) for i in range(10)}
   convert_cmd[3] = "--source=tsm"
   refused = subprocess.run(convert_cmd[:-1] + [f"--workdir={tmp_path / 'other'}"],
                            capture_output=True, text=True, timeout=300)
