@@ -24,7 +24,8 @@ PLANT_ENV = "GTA_JAX_PLANT_NONFINITE"
 def plant(positions):
   """Patches the loop so that the steps on batches `positions` turn non-finite."""
   current = {"position": -1}
-  next_batch, make_train_step = loop._Run.next_batch, tasks.make_train_step  # pylint: disable=protected-access
+  next_batch = loop._Run.next_batch  # pylint: disable=protected-access
+  make_train_step = tasks.make_train_step
 
   def recording_next_batch(self):
     current["position"] = json.loads(self.train_iter.get_state())["next_batch"]

@@ -177,12 +177,12 @@ class _BucketStore:
   def _upload(self, data: bytes, generation: str) -> Optional[str]:
     """Uploads `data` if the object's generation is `generation`; the new one, or
     None (412 Precondition Failed)."""
+    endpoint = self.fs._location  # pylint: disable=protected-access
     try:
       uploaded = self.fs.call(
-          "POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o",  # pylint: disable=protected-access
-          self.bucket, uploadType="media", name=self.key, ifGenerationMatch=generation,
-          data=data, headers={"Content-Type": "application/octet-stream"},
-          json_out=True)
+          "POST", f"{endpoint}/upload/storage/v1/b/{{}}/o", self.bucket,
+          uploadType="media", name=self.key, ifGenerationMatch=generation, data=data,
+          headers={"Content-Type": "application/octet-stream"}, json_out=True)
     except FileExistsError:  # gcsfs's name for 412
       return None
     finally:
@@ -262,7 +262,7 @@ class Lease:
       if current is None:
         continue  # released meanwhile
       holder = Holder.decode(current[0])
-      if holder.token == me.token:  # ours: the answer to our upload was lost, the retry refused
+      if holder.token == me.token:  # ours: our upload's answer was lost, its retry refused
         self._version = current[1]
         break
       why = holder.is_dead(self.timeout_s)
