@@ -4,7 +4,7 @@ A bucket answers 429 (too many requests) or 5xx now and then, or drops a connect
 mid-body. Three clients talk to one for this project, and each retries on its own:
 
 * gcsfs (every file read or written through `paths`/`etils.epath`: metrics, events,
-  prepared data's metadata, orbax's metadata and JSON items) retries 408, 429, 5xx
+  prepared data's metadata, orbax's metadata and JSON items) retries 408, 429, 500-504
   and dropped connections 6 times, sleeping 1-2 s, 2-3 s, 4-5 s, ..., and logs
   nothing above debug level. :func:`install` replaces that with :data:`POLICY`'s
   retries, each logged and counted.
