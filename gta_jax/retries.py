@@ -111,6 +111,9 @@ def _retrying(request):
 def _install_gcsfs() -> None:
   """Swaps gcsfs's retry decorator for :func:`_retrying` on its request methods."""
   from gcsfs import core  # pylint: disable=g-import-not-at-top
+  # `_request` makes nearly every call, `_get_file_request` downloads to a file, and
+  # `_get_file_concurrent` (a large download in parts, checksummed at the end) retries
+  # as a whole, its parts through `_request` as well.
   for name in ("_request", "_get_file_request", "_get_file_concurrent"):
     method = core.GCSFileSystem.__dict__.get(name)
     undecorated = getattr(method, "__wrapped__", None)
