@@ -165,7 +165,8 @@ class Faults:
     seed: of the draws (the clients' request order still varies between runs).
     counts: what was done: `requests`, `429`, `503`, `dropped`.
     by_client: the faults by `(client, fault)`, the client named by the first word
-      of its User-Agent (`python-gcsfs/...`, `tensorstore/...`, `gcloud-cpp/...`).
+      of its User-Agent: `python-gcsfs`, `tensorstore`, `gl-cpp` (array_record's
+      google-cloud-cpp), `gcloud-python` (google-cloud-storage).
   """
   error_rate: float = 0.0
   drop_rate: float = 0.0
