@@ -7,21 +7,22 @@ r"""Exports a checkpoint's model for serving without this package: `jax.export` 
 
 Either file holds the inference function with the parameters inside: a normalised clip
 `(B, T, S, S, 3)` float32 (ImageNet mean/std, channels last, `T = data.num_frames`,
-`S = data.crop_size`; B is symbolic) in, logits `(B, num_classes)` float32 out. The
-model is traced with the platform-neutral kernels (`attention_impl='xla'`, no
-XLA:CPU-only kernels), so one trace serves every platform.
+`S = data.crop_size`; B is symbolic) in, logits `(B, num_classes)` float32 out.
 
-`--format=jax` (the default) lowers it once for every platform of `--platforms` where
-the model lowers (a platform that fails is named and left out; `cpu` must work).
-Reading it needs only `jax` (and `flatbuffers`):
+`--format=jax` (the default) traces the model with the platform-neutral kernels
+(`attention_impl='xla'`, no XLA:CPU-only kernels), so one trace serves every platform,
+and lowers it for every platform of `--platforms` where the model lowers (a platform
+that fails is named and left out; `cpu` must work). Reading it needs only `jax` (and
+`flatbuffers`):
 
   from jax import export
   exported = export.deserialize(open("model.jaxexport", "rb").read())
   logits = exported.call(clips)          # clips: float32 (B, T, S, S, 3)
 
-`--format=onnx` converts the same function with jax2onnx (input `clips`, output
-`logits`, batch dimension `B`), then runs the file with onnxruntime on random clips
-and prints its largest difference from `model.apply`. It needs the `onnx` extra and
+`--format=onnx` converts the function with jax2onnx (input `clips`, output `logits`,
+batch dimension `B`; traced with the kernels of :func:`onnx_traceable`), then runs the
+file with onnxruntime on random clips and prints its largest difference from
+`model.apply`. It needs the `onnx` extra and
 jax2onnx installed without its requirements (:data:`ONNX_INSTALL`): jax2onnx 0.17.1
 declares `orbax-checkpoint<0.11.37`, which this project's orbax-checkpoint>=0.12.8
 rules out, but it never imports orbax. docs/features.md ("ONNX") has a recipe that
@@ -35,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from gta_jax import cli
 from gta_jax import paths
@@ -56,21 +57,49 @@ def portable(config):
   return config
 
 
-def inference_function(config, variables):
-  """The portable model's `clips -> logits` with `variables` as constants.
+def onnx_traceable(config):
+  """`config` with the kernels the ONNX export traces with, on any platform.
+
+  jax2onnx 0.17.1 turns `lax.reduce_window_max` into an ONNX MaxPool whose window
+  spans all four dimensions of the channels-last input, which onnxruntime rejects,
+  and its stand-in for `flax.linen.max_pool` takes no explicit padding (the stem's
+  max-pool pads 1 on each side, as torchvision's). The XLA:CPU kernels
+  (`gta_jax.models.cpu_kernels`) compute the stem's max-pool as the maximum of 9
+  strided slices of the -inf padded input instead, and 1x1 convolutions as strided
+  slices and matmuls: the same values, in ops jax2onnx converts. Attention is
+  `xla` (plain softmax attention).
+  """
+  config = config.copy_and_resolve_references()
+  config.model.attention_impl = "xla"
+  config.model.cpu_kernels = True
+  return config
+
+
+def inference_function(config, variables, platform: Optional[str] = None):
+  """The model's `clips -> logits` with `variables` as constants.
+
+  Args:
+    config: the config to build the model from, as it is (e.g. :func:`portable`).
+    variables: `{'params': ..., 'batch_stats': ...}`.
+    platform: trace with the kernels of this platform (`gta_jax.models.backend`)
+      rather than the default backend's.
 
   Returns:
     `(function, clip_shape)`: the function (not jitted) and the shape of one clip,
     `(T, S, S, 3)`.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import backend  # pylint: disable=g-import-not-at-top
   from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
   from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  config = portable(config)
   model = registry.build_model(config)
   variables = jax.device_get(variables)
   _, *clip = state_lib.input_shape(config)
-  return (lambda clips: model.apply(variables, clips, train=False)), tuple(clip)
+
+  def infer(clips):
+    with backend.force_platform(platform) if platform else contextlib.nullcontext():
+      return model.apply(variables, clips, train=False)
+  return infer, tuple(clip)
 
 
 def export_model(config, variables, platforms: Sequence[str] = PLATFORMS):
@@ -94,7 +123,7 @@ def export_model(config, variables, platforms: Sequence[str] = PLATFORMS):
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
-  infer, clip = inference_function(config, variables)
+  infer, clip = inference_function(portable(config), variables)
   infer = jax.jit(infer)
   spec = jax.ShapeDtypeStruct(export.symbolic_shape("b") + clip, jnp.float32)
   lower = lambda platforms: export.export(infer, platforms=tuple(platforms))(spec)
@@ -132,17 +161,28 @@ def _check_opset(opset: int) -> None:
     raise ValueError(f"onnx_opset must be at least {MIN_ONNX_OPSET}, got {opset}")
 
 
+class _ConverterRootLogs(logging.Filter):
+  """Drops what jax2onnx logs through the root logger below ERROR."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "jax2onnx" not in record.pathname
+
+
 @contextlib.contextmanager
 def _quiet_converter_logs():
-  """Keeps jax2onnx's and onnx_ir's warnings out of the CLI's output: plugins for
-  libraries not installed (equinox, dm_pix) and value types left unserialised."""
+  """Keeps jax2onnx's and onnx_ir's chatter out of the CLI's output: its parameters,
+  plugins for libraries not installed (equinox, dm_pix) and value types left
+  unserialised."""
   loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
   levels = [logger.level for logger in loggers]
   for logger in loggers:
     logger.setLevel(logging.ERROR)
+  root_filter = _ConverterRootLogs()
+  logging.getLogger().addFilter(root_filter)
   try:
     yield
   finally:
+    logging.getLogger().removeFilter(root_filter)
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
 
@@ -165,7 +205,7 @@ def export_onnx(config, variables, opset: int = MIN_ONNX_OPSET) -> bytes:
   """
   _check_opset(opset)
   jax2onnx, _ = _import_onnx_tools()
-  infer, clip = inference_function(config, variables)
+  infer, clip = inference_function(onnx_traceable(config), variables, platform="cpu")
   with _quiet_converter_logs():
     model = jax2onnx.to_onnx(infer, inputs=[("B",) + clip], model_name="gta_jax",
                              opset=opset, input_names=["clips"], output_names=["logits"])

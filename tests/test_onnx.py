@@ -35,6 +35,7 @@ from gta_jax.training import checkpoint
 from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
 
+from conftest import set_keys
 import synthetic_gta
 import synthetic_tsn
 
@@ -139,6 +140,11 @@ def write_checkpoint(config, workdir):
   return variables
 
 
+# TSN with the ImageNet stem of the R50 recipes (a 7x7 convolution and a padded 3x3
+# max-pool, both of stride 2), GTA with the recipe's 3x3 stem.
+CASES = {"synthetic_tsn": {"model.small_stem": False}, "synthetic_gta": {}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [synthetic_tsn, synthetic_gta],
                          ids=lambda r: r.__name__)
@@ -149,15 +155,16 @@ def test_onnxruntime_gives_model_apply_logits(recipe, tmp_path):
     pytest.skip(f"ONNX venv absent: create it as docs/features.md (ONNX) says ({ONNX_VENV}"
                 f" seeing this environment, pip install {' '.join(extra)} && pip install "
                 f"--no-deps {jax2onnx}), or set GTA_JAX_ONNX_PYTHON (CI=true creates it)")
-  config = recipe.get_config()
-  config.data.num_frames = NUM_FRAMES
+  overrides = {"data.num_frames": NUM_FRAMES, **CASES[recipe.__name__]}
+  config = set_keys(recipe.get_config(), overrides)
   workdir = str(tmp_path / "run")
   variables = write_checkpoint(config, workdir)
 
   out = tmp_path / "model.onnx"
   result = subprocess.run(
       [python, "-m", "gta_jax.export", "--format=onnx", f"--config={recipe.__name__}",
-       f"--config.data.num_frames={NUM_FRAMES}", f"--workdir={workdir}", f"--out={out}"],
+       *[f"--config.{k}={v}" for k, v in overrides.items()], f"--workdir={workdir}",
+       f"--out={out}"],
       capture_output=True, text=True, timeout=300, check=False, cwd=str(tmp_path),
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
