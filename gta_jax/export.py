@@ -64,10 +64,11 @@ def onnx_traceable(config):
   spans all four dimensions of the channels-last input, which onnxruntime rejects,
   and its stand-in for `flax.linen.max_pool` takes no explicit padding (the stem's
   max-pool pads 1 on each side, as torchvision's). The XLA:CPU kernels
-  (`gta_jax.models.cpu_kernels`) compute the stem's max-pool as the maximum of 9
-  strided slices of the -inf padded input instead, and 1x1 convolutions as strided
-  slices and matmuls: the same values, in ops jax2onnx converts. Attention is
-  `xla` (plain softmax attention).
+  (`gta_jax.models.cpu_kernels`) compute that max-pool as the maximum of 9 strided
+  slices of the -inf padded input instead: the same values, in ops jax2onnx converts.
+  (Their 1x1 convolutions as matmuls do not reach the file: jax2onnx converts
+  `flax.linen.Conv` to an ONNX Conv whatever it is given to run.) Attention is `xla`
+  (plain softmax attention).
   """
   config = config.copy_and_resolve_references()
   config.model.attention_impl = "xla"
