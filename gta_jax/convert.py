@@ -36,7 +36,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -94,7 +94,7 @@ class Renamed:
   state_dict: Dict[str, np.ndarray]
   file_keys: Dict[str, str]
   notes: List[str]
-  subsampled: object = None
+  subsampled: Optional[bool] = None
 
   def file_name(self, name: str) -> str:
     """The file's key of a torchvision-style name; an array the file lacks keeps
@@ -246,9 +246,7 @@ def write_run(workdir: str, variables: Dict, config: ml_collections.ConfigDict,
   """
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  if checkpoint.checkpoint_dir(workdir).exists():
-    raise FileExistsError(f"--workdir={workdir} already holds checkpoints; give a new "
-                          "folder")
+  check_new_workdir(workdir)
   _, tx, _, _ = state_lib.build(config)
   state = state_lib.create_train_state(variables, tx)
   ckpt = checkpoint.Checkpointer(workdir, keep=1)
@@ -258,6 +256,14 @@ def write_run(workdir: str, variables: Dict, config: ml_collections.ConfigDict,
   root = paths.path(workdir)
   (root / "config.py").write_text(config_text)
   (root / "convert.json").write_text(json.dumps(provenance, indent=1) + "\n")
+
+
+def check_new_workdir(workdir: str) -> None:
+  """Raises FileExistsError if `workdir` already holds checkpoints."""
+  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  if checkpoint.checkpoint_dir(workdir).exists():
+    raise FileExistsError(f"--workdir={workdir} already holds checkpoints; give a new "
+                          "folder")
 
 
 def sha256(path: str) -> str:
@@ -271,6 +277,7 @@ def sha256(path: str) -> str:
 def convert(source: str, checkpoint_path: str, config: ml_collections.ConfigDict,
             config_argument: str, workdir: str) -> List[str]:
   """Converts `checkpoint_path` into a run in `workdir`; returns the lines to print."""
+  check_new_workdir(workdir)
   variables, plan, renamed = convert_variables(checkpoint_path, source, config)
   provenance = dict(source=source, checkpoint=os.path.abspath(checkpoint_path),
                     sha256=sha256(checkpoint_path), config=config_argument,
