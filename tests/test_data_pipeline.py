@@ -1,6 +1,9 @@
 """The grain pipeline on a tiny `synthetic_motion`: shapes, resume, sharding, eval coverage."""
 
+import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -327,6 +330,26 @@ def test_worker_processes_yield_the_same_batches(data_dir):
   evals = [list(pipeline.make_eval_loader(c, "val", process_index=0, process_count=1))
            for c in (c0, c1)]
   assert_same_batches(*evals)
+
+
+def test_input_workers_leave_sigterm_to_the_main_process(data_dir):
+  """A preemption may SIGTERM the whole process group: the workers read on (the main
+  process saves a checkpoint, then stops them)."""
+  expected = take(iter(pipeline.make_train_loader(tiny_config(data_dir), seed=5,
+                                                  process_index=0, process_count=1)), 4)
+  before = set(multiprocessing.active_children())
+  it = iter(pipeline.make_train_loader(tiny_config(data_dir, num_workers=2), seed=5,
+                                       process_index=0, process_count=1))
+  got = take(it, 2)
+  workers = set(multiprocessing.active_children()) - before
+  assert len(workers) == 2
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGTERM)
+  time.sleep(0.5)
+  assert all(worker.is_alive() for worker in workers)
+  got += take(it, 2)
+  assert_same_batches(got, expected)
+  it.close()
 
 
 def test_state_goes_through_grains_checkpoint_handler(data_dir, tmp_path):

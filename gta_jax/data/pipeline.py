@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import signal
 
 import grain
 import numpy as np
@@ -356,8 +357,16 @@ def _to_iter(ds: grain.MapDataset, data_config) -> grain.IterDataset:
   if workers > 0:
     _prepare_workers(workers)
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(1, int(data_config.prefetch))))
+        num_workers=workers, per_worker_buffer_size=max(1, int(data_config.prefetch))),
+                        worker_init_fn=_ignore_sigterm)
   return it
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """In a worker: SIGTERM is the main process's to handle (a preemption often signals
+  the whole process group; the main process saves, then stops its workers)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BatchIterator:
