@@ -313,7 +313,8 @@ class _Run:
     where = (f"the newest finite checkpoint is {self.ckpt.directory}/{latest}"
              if latest is not None else "no checkpoint was saved before it")
     if c.nonfinite == "stop":
-      rollback = ", or go back to it: --config.nonfinite=rollback" if latest else ""
+      rollback = (", or go back to it: --config.nonfinite=rollback" if latest is not None
+                  else "")
       raise NonFiniteLossError(
           f"{what}; {where}. Stopped (config.nonfinite='stop'): lower "
           f"config.optim.base_lr or set config.optim.grad_clip_norm{rollback}")
