@@ -180,11 +180,15 @@ def test_onnxruntime_gives_model_apply_logits(recipe, tmp_path):
       capture_output=True, text=True, timeout=120, check=False, cwd=str(tmp_path))
   assert score.returncode == 0, score.stderr[-3000:]
   assert score.stdout.split() == ["False", "False"]
-  model = registry.build_model(config)  # the checkpoint's own kernels
-  want = np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(clips))
-  assert want.std() > 0.1  # a spread classifier: far from constant logits
   got = np.load(tmp_path / "got.npy")
-  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # The reference with the checkpoint's own kernels (on CPU: the XLA:CPU kernels the
+  # export traces with, and the custom attention), and with the portable ones (flax's
+  # max-pool, XLA's attention).
+  for kernels in (config, export.portable(config)):
+    apply = functools.partial(registry.build_model(kernels).apply, train=False)
+    want = np.asarray(jax.jit(apply)(variables, clips))
+    assert want.std() > 0.1  # a spread classifier: far from constant logits
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   assert reported <= 1e-4
 
 
