@@ -267,30 +267,6 @@ def test_max_pool_matches_flax_and_a_numpy_gradient(size, stride, pad, hw):
 # -- BatchNorm groups ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group_size", [1, 3, 6])
-def test_group_batch_norm_matches_numpy(group_size):
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((6, 2, 3, 3, 4)).astype(np.float32) * 3 + 1
-  scale, bias = rng.standard_normal(4), rng.standard_normal(4)
-  ra_mean, ra_var = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
-  variables = {"params": {"scale": scale, "bias": bias},
-               "batch_stats": {"mean": ra_mean, "var": ra_var}}
-  variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
-  norm = resnet.GroupBatchNorm(group_size, momentum=0.9, epsilon=1e-5)
-  y, updates = norm.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
-
-  groups = x.astype(np.float64).reshape(6 // group_size, -1, 4)
-  mean = groups.mean(axis=1, keepdims=True)
-  var = groups.var(axis=1, keepdims=True)
-  want = ((groups - mean) / np.sqrt(var + 1e-5) * scale + bias).reshape(x.shape)
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
-  stats = updates["batch_stats"]
-  np.testing.assert_allclose(stats["mean"], 0.9 * ra_mean + 0.1 * mean.mean(axis=(0, 1)),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(stats["var"], 0.9 * ra_var + 0.1 * var.mean(axis=(0, 1)),
-                             rtol=1e-5, atol=1e-6)
-
-
 def test_bn_group_size_must_divide_the_batch():
   config = tiny(bn_group_size=3)
   model = build_model(config)
@@ -323,7 +299,7 @@ DEVICE_COUNT_SCRIPT = textwrap.dedent("""
     variables = Net().init(jax.random.key(0), x)
 
     def loss_fn(params, batch, group_size):
-      with resnet.bn_groups(group_size):
+      with resnet.bn_options(resnet.BatchNormOptions(group_size)):
         logits, updates = Net().apply({**variables, "params": params}, batch,
                                       mutable=["batch_stats"])
       onehot = jax.nn.one_hot(labels, 10)

@@ -121,6 +121,9 @@ def build_video_network(config: ml_collections.ConfigDict,
   if not isinstance(m.bn_group_size, int) or m.bn_group_size < 0:
     raise ValueError("config.model.bn_group_size must be an int >= 0 (0: statistics "
                      f"over the whole batch), got {m.bn_group_size!r}")
+  for key in ("bn_two_pass_variance", "bn_running_var_unbiased"):
+    if not isinstance(m[key], bool):
+      raise ValueError(f"config.model.{key} must be True or False, got {m[key]!r}")
   sizes = stage_sizes(m)
   inflated = ()
   if arch == "resnet3d":
@@ -145,7 +148,9 @@ def build_video_network(config: ml_collections.ConfigDict,
       dtype=dtype,
       attention_impl=m.attention_impl,
       cpu_kernels=m.cpu_kernels,
-      bn_group_size=m.bn_group_size)
+      bn_group_size=m.bn_group_size,
+      bn_two_pass_variance=m.bn_two_pass_variance,
+      bn_running_var_unbiased=m.bn_running_var_unbiased)
 
 
 def without_loops(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

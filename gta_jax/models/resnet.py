@@ -21,12 +21,15 @@ Every hook module is called as `module(x, train=...)` on `(B, T, H, W, C)` and
 returns the same shape.
 
 While the network is traced it puts its backend options (`backend.options`:
-attention implementation, XLA:CPU kernels) and its BatchNorm group size
-(:func:`bn_groups`) in force for every layer, temporal modules included.
+attention implementation, XLA:CPU kernels) and its BatchNorm options
+(:func:`bn_options`: statistics over the batch or groups, the variance's
+computation, the running variance's update) in force for every layer, temporal
+modules included.
 """
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Sequence, Tuple
 
@@ -49,8 +52,31 @@ FEATURE_LAYERS = (PRE_LOGITS, "res2", "res3", "res4", "res5")
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-_BN_GROUP_SIZE: contextvars.ContextVar[int] = contextvars.ContextVar(
-    "gta_jax_bn_group_size", default=0)
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormOptions:
+  """How the BatchNorms of a network compute their training statistics.
+
+  Attributes:
+    group_size: statistics over groups of this many examples (the per-GPU
+      BatchNorm of the PyTorch recipes); 0: over the whole (global) batch.
+    two_pass_variance: the variance as `E[(x - E[x])^2]`, a second pass over
+      the activations, accurate in float32 whatever the mean; else
+      `E[x^2] - E[x]^2` in one pass (flax's `use_fast_variance`), which loses
+      float32 digits when the mean is large against the spread (mean/std = 100:
+      3.0e-3 off float64 against 1.0e-5), and about 3% faster in a TSM-R50
+      train step on a 2-core CPU, loosely measured (docs/baselines.md).
+    running_var_unbiased: update the running variance with the unbiased
+      variance, `n / (n - 1)` times the one that normalises (n values per
+      channel and group), as PyTorch does; else with that biased one, as flax.
+  """
+  group_size: int = 0
+  two_pass_variance: bool = False
+  running_var_unbiased: bool = False
+
+
+_BN_OPTIONS: contextvars.ContextVar[BatchNormOptions] = contextvars.ContextVar(
+    "gta_jax_bn_options", default=BatchNormOptions())
 
 
 def conv_general_dilated(*args, **kwargs) -> jax.Array:
@@ -100,46 +126,45 @@ class VideoConv(nn.Module):
 
 
 @contextlib.contextmanager
-def bn_groups(group_size: int) -> Iterator[None]:
-  """BatchNorms built in this block (:func:`batch_norm`) normalise in training
-  over groups of `group_size` examples; 0: over the whole batch."""
-  token = _BN_GROUP_SIZE.set(group_size)
+def bn_options(options: BatchNormOptions) -> Iterator[None]:
+  """BatchNorms built in this block (:func:`batch_norm`) train with `options`."""
+  token = _BN_OPTIONS.set(options)
   try:
     yield
   finally:
-    _BN_GROUP_SIZE.reset(token)
+    _BN_OPTIONS.reset(token)
 
 
 def batch_norm(train: bool, dtype: Any, **kwargs) -> ModuleDef:
   """BatchNorm with PyTorch's defaults (momentum 0.1 in its terms, eps 1e-5).
 
-  Statistics and normalisation are float32 whatever `dtype`; in training they
-  are over the whole batch (`nn.BatchNorm`; under `jit` a sharded batch's
-  statistics are reduced over all devices) or, under :func:`bn_groups`, over
-  groups of examples (:class:`GroupBatchNorm`).
+  Statistics and normalisation are float32 whatever `dtype`. In training, a
+  :class:`TrainingBatchNorm` with the :func:`bn_options` in force (under `jit` a
+  sharded batch's statistics are reduced over all devices); in evaluation,
+  `nn.BatchNorm` with the running statistics. Both have the same variables.
   """
   common = dict(momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
                 **kwargs)
-  group_size = _BN_GROUP_SIZE.get()
-  if train and group_size:
-    return functools.partial(GroupBatchNorm, group_size, **common)
-  return functools.partial(nn.BatchNorm, use_running_average=not train, **common)
+  if train:
+    return functools.partial(TrainingBatchNorm, _BN_OPTIONS.get(), **common)
+  return functools.partial(nn.BatchNorm, use_running_average=True, **common)
 
 
-class GroupBatchNorm(nn.Module):
-  """Training-mode BatchNorm over groups of `group_size` consecutive examples.
+class TrainingBatchNorm(nn.Module):
+  """Training-mode BatchNorm over the batch or over groups of examples.
 
-  The per-GPU BatchNorm of the PyTorch recipes, where each GPU normalises its
-  own share of the batch, made independent of the device count: the batch
-  `(B, ...)` is split into `B / group_size` groups, each normalised with its
-  own float32 mean and (biased) variance over `(group_size, ...)`, and the
-  running statistics move towards their average over the groups. Variables,
-  initialisers and the update rule are those of `nn.BatchNorm`
-  (`ra = momentum * ra + (1 - momentum) * batch value`), so checkpoints and
-  evaluation (which uses the running statistics) are the same as with it.
+  The batch `(B, ...)` is normalised with its float32 mean and (biased) variance
+  per channel, over all of it or, with `options.group_size`, over each group of
+  that many consecutive examples: the per-GPU BatchNorm of the PyTorch recipes,
+  where each GPU normalises its own share of the batch, made independent of the
+  device count. The running statistics move towards the batch's (or the groups'
+  average): `ra = momentum * ra + (1 - momentum) * value`. Variables and
+  initialisers are those of `nn.BatchNorm`, so checkpoints and evaluation (with
+  `nn.BatchNorm` on the running statistics) are the same as with it.
 
   Attributes:
-    group_size: examples per group; must divide the batch.
+    options: group size, the variance's computation and the running variance's
+      update (:class:`BatchNormOptions`).
     momentum: of the running statistics.
     epsilon: added to the variance.
     dtype: output dtype.
@@ -147,7 +172,7 @@ class GroupBatchNorm(nn.Module):
     scale_init: initialiser of `scale`.
     bias_init: initialiser of `bias`.
   """
-  group_size: int
+  options: BatchNormOptions = BatchNormOptions()
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -158,21 +183,28 @@ class GroupBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, c = x.shape[0], x.shape[-1]
-    if b % self.group_size:
-      raise ValueError(f"config.model.bn_group_size={self.group_size} does not divide "
+    group_size = self.options.group_size or b
+    if b % group_size:
+      raise ValueError(f"config.model.bn_group_size={group_size} does not divide "
                        f"the batch of {b} examples (shape {x.shape})")
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
 
-    groups = x.reshape((b // self.group_size, self.group_size) + x.shape[1:])
+    groups = x.reshape((b // group_size, group_size) + x.shape[1:]).astype(jnp.float32)
     axes = tuple(range(1, groups.ndim - 1))
-    mean = jnp.mean(groups, axes, dtype=jnp.float32, keepdims=True)
-    mean_sq = jnp.mean(jnp.square(groups.astype(jnp.float32)), axes, keepdims=True)
-    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    mean = jnp.mean(groups, axes, keepdims=True)
+    if self.options.two_pass_variance:
+      var = jnp.mean(jnp.square(groups - mean), axes, keepdims=True)
+    else:
+      mean_sq = jnp.mean(jnp.square(groups), axes, keepdims=True)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
     if not self.is_initializing():
-      for ra, value in ((ra_mean, mean), (ra_var, var)):
+      count = groups.size // (groups.shape[0] * c)  # values per channel and group
+      running_var = var * (count / max(count - 1, 1)) if (
+          self.options.running_var_unbiased) else var
+      for ra, value in ((ra_mean, mean), (ra_var, running_var)):
         group_average = value.reshape(-1, c).mean(axis=0)
         ra.value = self.momentum * ra.value + (1 - self.momentum) * group_average
     y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
@@ -297,6 +329,10 @@ class VideoResNet(nn.Module):
     cpu_kernels: use the XLA:CPU kernels (`cpu_kernels.py`) on CPU.
     bn_group_size: BatchNorm statistics in training over groups of this many
       clips; 0: over the whole (global) batch.
+    bn_two_pass_variance: BatchNorm's variance in two passes (see
+      :class:`BatchNormOptions`).
+    bn_running_var_unbiased: BatchNorm's running variance with the unbiased
+      batch variance, as PyTorch (see :class:`BatchNormOptions`).
   """
   stage_sizes: Sequence[int]
   num_classes: int
@@ -317,6 +353,8 @@ class VideoResNet(nn.Module):
   attention_impl: str = "auto"
   cpu_kernels: bool = True
   bn_group_size: int = 0
+  bn_two_pass_variance: bool = False
+  bn_running_var_unbiased: bool = False
 
   def check_input(self, video: jax.Array) -> None:
     """Raises a ValueError naming the shape when the clip cannot be taken."""
@@ -334,7 +372,8 @@ class VideoResNet(nn.Module):
   def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
     self.check_input(video)
     with backend.options(self.attention_impl, self.cpu_kernels), \
-        bn_groups(self.bn_group_size):
+        bn_options(BatchNormOptions(self.bn_group_size, self.bn_two_pass_variance,
+                                    self.bn_running_var_unbiased)):
       return self.network(video, train)
 
   @nn.compact
