@@ -15,8 +15,8 @@ ResNets share (`conv1`, `bn1`, `layer1..4.<i>.{conv1,bn1,...,downsample.0/1}`, `
 What the file lacks (GTA, SSA, Non-local modules, a head of another class count) keeps
 its initialisation and is listed. With `complete=True` (:mod:`gta_jax.convert`, whole
 video models) every variable must come from the file, Non-local blocks included
-(`layer<s>.<b>.nl.{theta,phi,g,out,bn}`), and nothing is inflated or left fresh. A file of another architecture or a shape mismatch
-is an error naming the parameters. Files: `.pth`/`.pt`/`.bin` (PyTorch's zip format,
+(`layer<s>.<b>.nl.{theta,phi,g,out,bn}`), and nothing is inflated or left fresh.
+A file of another architecture or a shape mismatch is an error naming the parameters. Files: `.pth`/`.pt`/`.bin` (PyTorch's zip format,
 read without PyTorch and without running code from the file, see
 :mod:`gta_jax.torch_pickle`), `.safetensors` and `.npz`.
 

@@ -227,7 +227,8 @@ def test_convert_then_predict_on_the_command_line(tmp_path):
   (predict's numbers against a reference: tests/test_predict.py)."""
   path = write_mmaction2_npz(tmp_path / "small.npz")
   workdir = tmp_path / "run"
-  overrides = ["--config.model.nl.placement=res3:0;res4:0", "--config.model.nl.sub_sample=True"]
+  overrides = ["--config.model.nl.placement=res3:0;res4:0",
+               "--config.model.nl.sub_sample=True"]
   convert_cmd = [sys.executable, "-m", "gta_jax.convert", "--source=mmaction2",
                  f"--checkpoint={path}", "--config=synthetic_tsm", *overrides,
                  f"--workdir={workdir}"]

@@ -12,8 +12,8 @@ shift wrapper `conv1.net`, `base_model.`/`new_fc.` names and their Non-local blo
 
 The peer environment is `tests/test_pretrained_torch.py`'s torch venv plus
 mmengine 0.10.7, mmcv-lite 2.2.0 and mmaction2 1.2.0 (without its dependencies;
-CI installs them into `.venv-torch`: 11 s with a warm pip cache). Three shims, in the script below,
-let mmaction2's models import there: mmcv-lite reports 2.1.0 (mmaction2 1.2.0
+CI installs them into `.venv-torch`: 11 s with a warm pip cache). Three shims, in
+the script below, let mmaction2's models import there: mmcv-lite reports 2.1.0 (mmaction2 1.2.0
 refuses 2.2.0, which it has not seen), its `localizers.drn` package (missing from
 the 1.2.0 wheel) is an empty module, and only `mmaction.models` is imported (the
 datasets need decord and scipy). Without torch the tests are skipped.
