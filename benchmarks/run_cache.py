@@ -34,6 +34,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Keys each run sets for itself, left out of its recorded recipe.
 RUN_KEYS = ("seed", "data.data_dir")
+# Keys that change how a value is rounded, not what is computed: a run whose recipe
+# differs only in them stays current.
+NUMERICS_KEYS = ("model.bn_two_pass_variance",)
 
 # Row name -> (config file name, overrides, ...).
 Rows = Mapping[str, Sequence[Any]]
@@ -84,8 +87,10 @@ def recipe(config_name: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
 
 def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:
   """The keys whose value in the run's recorded recipe differs from `current`'s;
-  keys only one of them has are not compared (a new key keeps the old behaviour)."""
-  return sorted(k for k, v in run["recipe"].items() if k in current and current[k] != v)
+  keys only one of them has are not compared (a new key keeps the old behaviour), nor
+  are :data:`NUMERICS_KEYS`."""
+  return sorted(k for k, v in run["recipe"].items()
+                if k in current and current[k] != v and k not in NUMERICS_KEYS)
 
 
 def is_current(run: Dict, rows: Rows, recipes: Dict[str, Dict[str, Any]]) -> bool:

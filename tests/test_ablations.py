@@ -108,6 +108,12 @@ def test_verdict_compares_every_seed(having, without, word):
           "gta_instance": [_run("gta_instance", s, t) for s, t in enumerate(without)]}
   assert ablations._verdict(runs, "gta", ("gta_instance",)).startswith(word)
   assert ablations._verdict({}, "gta", ("gta_instance",)).startswith("not measured")
+  # On chosen pairs instead of top-1: the second pair decides.
+  for row, pair in (("gta", (1.0, 0.9)), ("gta_instance", (0.0, 0.5))):
+    for r in runs[row]:
+      r["per_pair"] = {"a/b": pair[0], "c/d": pair[1] + 0.01 * r["seed"]}
+  got = ablations._verdict(runs, "gta", ("gta_instance",), ("c/d",))
+  assert got == ("**supported**: mean pair accuracy `gta` 0.905, `gta_instance` 0.505")
 
 
 def test_stale_runs_are_left_out_of_the_table(tmp_path):
@@ -186,3 +192,11 @@ def test_the_page_keeps_its_design_and_lists_what_is_not_run():
   assert ("- `long_gta`, seed 1: `python benchmarks/ablations.py --rows=long_gta "
           "--seeds=1`") in page
   assert "- `long_tsn`, seeds 0,1:" in page and "- `gta`, seeds 0,1:" in page
+
+
+def test_a_numerics_only_key_does_not_retire_a_run():
+  run = _run("gta", 0, 0.9)
+  run["recipe"]["model.bn_two_pass_variance"] = True
+  assert run_cache.changed_keys(run, _recipe("gta")) == []
+  run["recipe"]["model.gta.cross_channel"] = True
+  assert run_cache.changed_keys(run, _recipe("gta")) == ["model.gta.cross_channel"]
