@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_group_size = 0  # BN statistics over groups of N clips; 0: global
   # BN's variance in training: E[x^2] - E[x]^2 (one pass, flax's fast variance) or
   # E[(x - E[x])^2] (two passes: accurate when the mean is large against the spread,
-  # about 3% more of a TSM-R50 train step on a 2-core CPU); its running variance
+  # about 2% more of a TSM-R50 train step on a 2-core CPU); its running variance
   # updated with the biased batch variance (flax's) or the unbiased n/(n-1) one
   # (PyTorch's). docs/baselines.md.
   c.model.bn_two_pass_variance = False

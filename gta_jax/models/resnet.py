@@ -64,8 +64,8 @@ class BatchNormOptions:
       the activations, accurate in float32 whatever the mean; else
       `E[x^2] - E[x]^2` in one pass (flax's `use_fast_variance`), which loses
       float32 digits when the mean is large against the spread (mean/std = 100:
-      3.0e-3 off float64 against 1.0e-5), and about 3% faster in a TSM-R50
-      train step on a 2-core CPU, loosely measured (docs/baselines.md).
+      3.0e-3 off float64 against 1.0e-5), and about 2% faster in a TSM-R50
+      train step on a 2-core CPU (docs/baselines.md).
     running_var_unbiased: update the running variance with the unbiased
       variance, `n / (n - 1)` times the one that normalises (n values per
       channel and group), as PyTorch does; else with that biased one, as flax.
