@@ -68,6 +68,9 @@ ROWS = {
     "nl3d": ("synthetic_nl", NL3D, "joint space-time (3D) Non-local at GTA's place"),
     "nl3d_position": ("synthetic_nl", NL3D + (POSITION,),
                       "3D Non-local at GTA's place, learned temporal position encoding"),
+    "nl3d_sinusoidal": ("synthetic_nl", NL3D + ("model.nl.temporal_position=sinusoidal",),
+                        "3D Non-local at GTA's place, sinusoidal temporal position "
+                        "encoding"),
     "tsm_gta": ("synthetic_tsm_gta", (), "GTA on a TSM backbone"),
     "real_gta": ("synthetic_gta", REAL_VIDEOS,
                  "GTA alone on real H.264 files (`benchmarks/real_videos.py`)"),
@@ -146,8 +149,8 @@ LONG_RANGE_CLAIM = ("GTA alone beats TSM where the dependency is long (the long-
 TASKS = (("synthetic_motion", "", synthetic_motion.PAIRS),
          ("synthetic_long", "long_", synthetic_long.PAIRS))
 # The rows the issue asks of every task, in the order they are worth running.
-TABLE_ROWS = ("tsn", "tsm", "gta", "ssa", "nl3d_position", "nl3d", "gta_instance",
-              "gta_pixel", "gta_region", "gta_cross_channel")
+TABLE_ROWS = ("tsn", "tsm", "gta", "ssa", "nl3d_position", "nl3d_sinusoidal", "nl3d",
+              "gta_instance", "gta_pixel", "gta_region", "gta_cross_channel")
 ROWS.update({f"long_{row}": (ROWS[row][0].replace("synthetic_", "synthetic_long_", 1),
                              *ROWS[row][1:]) for row in TABLE_ROWS})
 
@@ -155,9 +158,10 @@ ROWS.update({f"long_{row}": (ROWS[row][0].replace("synthetic_", "synthetic_long_
 # second task the rows `long_<row>`.
 CLAIMS = (
     ("temporal attention decoupled from (on top of) spatial attention",
-     "gta", ("nl3d_position",),
-     "against the 3D Non-local with a learned temporal position encoding, which sees "
-     "frame order as GTA does (`nl3d`, without it, is blind to order)"),
+     "gta", ("nl3d_position", "nl3d_sinusoidal"),
+     "against the 3D Non-local with a learned or a sinusoidal temporal position "
+     "encoding, which sees frame order as GTA does (`nl3d`, without one, is blind to "
+     "order)"),
     ("a learned global attention matrix shared by all samples", "gta",
      ("gta_instance",), ""),
     ("cross-channel multi-head", "gta_cross_channel", ("gta",), ""),
