@@ -35,6 +35,7 @@ from gta_jax import recipes
 from gta_jax.models import build_model
 from gta_jax.training import checkpoint
 
+import peer_envs  # tests/
 import test_pretrained_torch  # tests/: the torch venv
 
 MM_PACKAGES = ("mmengine==0.10.7", "mmcv-lite==2.2.0", "einops", "importlib_metadata")
@@ -108,23 +109,16 @@ for item in sys.argv[3:]:
 """
 
 
-def _has_mmaction2(python):
-  check = ("import importlib.util as u, sys; "
-           "sys.exit(not (u.find_spec('mmaction') and u.find_spec('mmengine')))")
-  return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
-
-
 @functools.lru_cache(maxsize=None)
 def peer_python():
   """The torch python with mmaction2 (installed in CI), or None."""
   python = test_pretrained_torch.torch_python()
-  if python is None or _has_mmaction2(python):
+  if python is None or peer_envs.has_modules(python, ("mmaction", "mmengine")):
     return python
-  if os.environ.get("CI", "").lower() != "true":
+  if not peer_envs.in_ci():
     return None
-  pip = [python, "-m", "pip", "install", "--quiet"]
-  subprocess.run(pip + list(MM_PACKAGES), check=True, timeout=300)
-  subprocess.run(pip + ["--no-deps", MMACTION2], check=True, timeout=300)
+  peer_envs.pip_install(python, *MM_PACKAGES, timeout=300)
+  peer_envs.pip_install(python, "--no-deps", MMACTION2, timeout=300)
   return python
 
 

@@ -14,14 +14,12 @@ so the export runs in a second environment, found as
 Elsewhere, without either, those tests are skipped with the reason.
 """
 
-import fcntl
 import functools
 import importlib.util
 import os
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import textwrap
 import tomllib
 
@@ -36,10 +34,11 @@ from gta_jax.training import sharding
 from gta_jax.training import state as state_lib
 
 from conftest import set_keys
+import peer_envs
 import synthetic_gta
 import synthetic_tsn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = peer_envs.REPO
 ONNX_VENV = os.path.join(REPO, ".venv-onnx")
 NUM_FRAMES = 4
 
@@ -64,50 +63,27 @@ def onnx_packages():
   return extra, export.JAX2ONNX
 
 
-def _has_onnx_tools(python):
-  """Whether `python` finds gta_jax, jax2onnx and onnxruntime (found, not imported)."""
-  check = ("import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in "
-           "('gta_jax', 'jax2onnx', 'onnxruntime')))")
-  return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
-
-
-def _create_onnx_venv():
-  """Creates `.venv-onnx` (CI only); a lock keeps parallel workers from racing."""
-  lock_path = os.path.join(tempfile.gettempdir(), "gta_jax_onnx_venv.lock")
-  python = os.path.join(ONNX_VENV, "bin", "python")
-  with open(lock_path, "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(python):
-      base = sys._base_executable  # pylint: disable=protected-access
-      subprocess.run([base, "-m", "venv", ONNX_VENV], check=True)
-      purelib = subprocess.run(
-          [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-          capture_output=True, text=True, check=True).stdout.strip()
-      with open(os.path.join(purelib, "gta_jax_env.pth"), "w") as f:
-        f.write(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
-    if not _has_onnx_tools(python):
-      extra, jax2onnx = onnx_packages()
-      pip = [python, "-m", "pip", "install", "--quiet"]
-      subprocess.run(pip + extra, check=True, timeout=600)
-      subprocess.run(pip + ["--no-deps", jax2onnx], check=True, timeout=600)
-  return python
+def _create_onnx_venv(python):
+  """Creates `.venv-onnx` (CI only): it sees this environment through a `.pth` line
+  and adds the `onnx` extra's packages and jax2onnx without its requirements."""
+  if not os.path.exists(python):
+    base = sys._base_executable  # pylint: disable=protected-access
+    subprocess.run([base, "-m", "venv", ONNX_VENV], check=True)
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "gta_jax_env.pth"), "w") as f:
+      f.write(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
+  extra, jax2onnx = onnx_packages()
+  peer_envs.pip_install(python, *extra, timeout=600)
+  peer_envs.pip_install(python, "--no-deps", jax2onnx, timeout=600)
 
 
 @functools.lru_cache(maxsize=None)
 def onnx_python():
   """A python with gta_jax, jax2onnx and onnxruntime, or None."""
-  python = os.environ.get("GTA_JAX_ONNX_PYTHON")
-  if python:
-    if not _has_onnx_tools(python):
-      raise RuntimeError(f"GTA_JAX_ONNX_PYTHON={python} lacks gta_jax, jax2onnx or "
-                         "onnxruntime")
-    return python
-  python = os.path.join(ONNX_VENV, "bin", "python")
-  if os.path.exists(python) and _has_onnx_tools(python):
-    return python
-  if os.environ.get("CI", "").lower() == "true":
-    return _create_onnx_venv()
-  return None
+  return peer_envs.find_python("GTA_JAX_ONNX_PYTHON", ".venv-onnx",
+                               ("gta_jax", "jax2onnx", "onnxruntime"), _create_onnx_venv)
 
 
 def perturbed(variables, rng):

@@ -12,12 +12,10 @@ that has torch and torchvision, found as
 Elsewhere, without either, the tests are skipped with the reason.
 """
 
-import fcntl
 import functools
 import os
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,9 @@ from gta_jax import pretrained
 from gta_jax import torch_pickle
 from gta_jax.models import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import peer_envs  # tests/
+
+REPO = peer_envs.REPO
 TORCH_VENV = os.path.join(REPO, ".venv-torch")
 TORCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1")
 
@@ -70,42 +70,18 @@ torch.save(views, f"{out}/views_legacy.pth", _use_new_zipfile_serialization=Fals
 """
 
 
-def _has_torch(python):
-  """Whether `python` has torch and torchvision installed (found, not imported)."""
-  check = ("import importlib.util as u, sys; "
-           "sys.exit(not (u.find_spec('torch') and u.find_spec('torchvision')))")
-  return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
-
-
-def _create_torch_venv():
-  """Creates `.venv-torch` (CI only); a lock keeps parallel workers from racing."""
-  lock_path = os.path.join(tempfile.gettempdir(), "gta_jax_torch_venv.lock")
-  python = os.path.join(TORCH_VENV, "bin", "python")
-  with open(lock_path, "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(python):
-      subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
-    if not _has_torch(python):
-      subprocess.run([python, "-m", "pip", "install", "--quiet", *TORCH_PACKAGES],
-                     check=True, timeout=900)
-  return python
+def _create_torch_venv(python):
+  """Creates `.venv-torch` with torch and torchvision (CI only)."""
+  if not os.path.exists(python):
+    subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
+  peer_envs.pip_install(python, *TORCH_PACKAGES)
 
 
 @functools.lru_cache(maxsize=None)
 def torch_python():
   """A python with torch and torchvision, or None."""
-  python = os.environ.get("GTA_JAX_TORCH_PYTHON")
-  if python:
-    if not _has_torch(python):
-      raise RuntimeError(f"GTA_JAX_TORCH_PYTHON={python} has no torch and "
-                         "torchvision")
-    return python
-  python = os.path.join(TORCH_VENV, "bin", "python")
-  if os.path.exists(python) and _has_torch(python):
-    return python
-  if os.environ.get("CI", "").lower() == "true":
-    return _create_torch_venv()
-  return None
+  return peer_envs.find_python("GTA_JAX_TORCH_PYTHON", ".venv-torch",
+                               ("torch", "torchvision"), _create_torch_venv)
 
 
 @pytest.fixture(scope="module")
