@@ -23,6 +23,7 @@ import tempfile
 import time
 
 from gta_jax import paths
+from gta_jax import processes
 from gta_jax.data import builders
 from gta_jax.data import pipeline
 from gta_jax.data.pipeline import DatasetMeta
@@ -38,21 +39,11 @@ def _how_to_prepare(d) -> str:
           f"--data_dir={d.data_dir}")
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
-
-
 def _held_by_dead_process(lock: str) -> bool:
   """Whether `lock` names a process of this host that no longer runs."""
   try:
     host, pid = open(lock).read().split()
-    return host == socket.gethostname() and not _pid_alive(int(pid))
+    return host == socket.gethostname() and not processes.alive(int(pid))
   except (OSError, ValueError):
     return False  # the lock is being written or was just removed
 

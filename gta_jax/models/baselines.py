@@ -33,6 +33,17 @@ NONLOCAL_KINDS = ("3d", "2d", "1d", "2d+1d")
 TEMPORAL_POSITIONS = ("none", "learned", "sinusoidal")
 
 
+def check_temporal_position(temporal_position: str, kind: str) -> None:
+  """Raises a ValueError naming `config.model.nl.temporal_position` if it is unknown
+  or asks for positions where the keys come from one frame (kind '2d')."""
+  if temporal_position not in TEMPORAL_POSITIONS:
+    raise ValueError(f"config.model.nl.temporal_position must be one of "
+                     f"{TEMPORAL_POSITIONS}, got {temporal_position!r}")
+  if temporal_position != "none" and kind == "2d":
+    raise ValueError("config.model.nl.temporal_position needs keys from several "
+                     "frames: kind '3d', '1d' or '2d+1d', got '2d'")
+
+
 def temporal_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
   """Shifts channel groups along T of `(B, T, H, W, C)`, zero padded.
 
@@ -173,12 +184,7 @@ class NonLocal(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _, t, _, _, c = x.shape
-    if self.temporal_position not in TEMPORAL_POSITIONS:
-      raise ValueError(f"config.model.nl.temporal_position must be one of "
-                       f"{TEMPORAL_POSITIONS}, got {self.temporal_position!r}")
-    if self.temporal_position != "none" and self.kind == "2d":
-      raise ValueError("config.model.nl.temporal_position needs keys from several "
-                       "frames: kind '3d', '1d' or '2d+1d', got '2d'")
+    check_temporal_position(self.temporal_position, self.kind)
     position = None
     if self.temporal_position == "learned":
       position = self.param("temporal_position", nn.initializers.normal(0.02),
@@ -230,12 +236,7 @@ def _build_nonlocal(cfg: ml_collections.ConfigDict, dtype: Any):
   if cfg.kind not in NONLOCAL_KINDS:
     raise ValueError(f"config.model.nl.kind must be one of {NONLOCAL_KINDS}, "
                      f"got {cfg.kind!r}")
-  if cfg.temporal_position not in TEMPORAL_POSITIONS:
-    raise ValueError(f"config.model.nl.temporal_position must be one of "
-                     f"{TEMPORAL_POSITIONS}, got {cfg.temporal_position!r}")
-  if cfg.temporal_position != "none" and cfg.kind == "2d":
-    raise ValueError("config.model.nl.temporal_position needs keys from several "
-                     "frames: kind '3d', '1d' or '2d+1d', got '2d'")
+  check_temporal_position(cfg.temporal_position, cfg.kind)
   for key in ("scaled", "sub_sample"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.nl.{key} must be True or False, got "

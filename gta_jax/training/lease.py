@@ -28,6 +28,7 @@ import uuid
 from typing import Iterator, Optional, Tuple
 
 from gta_jax import paths
+from gta_jax import processes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Holder:
   def me(cls) -> "Holder":
     now = time.time()
     return cls(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex,
-               _process_start(os.getpid()))
+               processes.start_time(os.getpid()))
 
   def encode(self) -> bytes:
     return json.dumps(dataclasses.asdict(self)).encode()
@@ -68,30 +69,11 @@ class Holder:
 
   def is_dead(self, timeout_s: float) -> Optional[str]:
     """Why this holder is dead (None if it may be alive)."""
-    if self.host == socket.gethostname() and not _process_alive(self.pid, self.pid_start):
+    if self.host == socket.gethostname() and not processes.alive(self.pid, self.pid_start):
       return f"its process {self.pid} on this host is gone"
     if time.time() - self.heartbeat > timeout_s:
       return f"its heartbeat is older than {timeout_s:.0f} s"
     return None
-
-
-def _process_start(pid: int) -> str:
-  """The start time of process `pid` (field 22 of /proc/PID/stat); '' if unknown."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
-  except (OSError, IndexError):
-    return ""
-
-
-def _process_alive(pid: int, start: str) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return not start or _process_start(pid) in ("", start)
 
 
 class _LocalStore:

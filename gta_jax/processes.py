@@ -1,0 +1,24 @@
+"""Whether a process of this host still runs: for locks and leases left by dead ones."""
+
+import os
+
+
+def start_time(pid: int) -> str:
+  """The start time of process `pid` (field 22 of /proc/PID/stat); '' if unknown."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return ""
+
+
+def alive(pid: int, start: str = "") -> bool:
+  """Whether process `pid` runs (and, given `start`, is the one that started then,
+  not a later process that reuses the pid)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # it runs, as another user
+  return not start or start_time(pid) in ("", start)
