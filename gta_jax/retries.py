@@ -14,7 +14,16 @@ mid-body. Three clients talk to one for this project, and each retries on its ow
   retries in the metric `/tensorstore/kvstore/gcs/retries`.
 * array_record's reader (prepared shards, through google-cloud-cpp) retries
   transient errors for up to 15 minutes with backoff from 1 s, and resumes a dropped
-  download where it broke off; it cannot be configured or counted from Python.
+  download where it broke off; it cannot be configured or counted from Python. But
+  it opens a shard by reading its last 1 MiB, and when such a read of a smaller
+  shard drops, it resumes by asking for the last `1 MiB - received` bytes: the whole
+  shard again, appended to what it has (a bucket answers a suffix longer than the
+  object with all of it), and the shard reads as damaged ("Failed to read
+  RiegeliPostscript" at its first read). Importing this module makes array_record
+  open a remote shard again when opening or reading it fails, up to
+  :data:`OPEN_ATTEMPTS` times with :data:`POLICY`'s waits, logged and counted
+  (`array_record_open`); a shard that is really damaged still fails, only later. (At import, not in :func:`install`: grain's worker processes import this
+  module through the data pipeline but never open a path themselves.)
 
 :data:`POLICY` comes from the environment, so that one setting reaches every entry
 point (train, eval, prepare, predict) and its subprocesses:
@@ -36,6 +45,7 @@ import logging
 import os
 import random
 import threading
+import time
 from typing import Dict
 
 log = logging.getLogger(__name__)
@@ -67,7 +77,9 @@ def _from_environment() -> Policy:
 
 
 POLICY = _from_environment()
+OPEN_ATTEMPTS = 3  # of an array_record shard in a bucket
 _gcsfs_retries: collections.Counter = collections.Counter()  # by cause
+_open_retries: collections.Counter = collections.Counter()  # array_record's, by cause
 _installed = False
 _lock = threading.Lock()
 
@@ -135,6 +147,59 @@ def _install_tensorstore() -> None:
     context["gcs_request_retries"] = resource
 
 
+class _ReopeningReader:
+  """An array_record reader of a shard in a bucket that opens the shard again when
+  opening it or reading from it fails (see the module docstring): a failed read
+  leaves a riegeli reader failed for good."""
+
+  def __init__(self, open_reader, filename):
+    self._open_reader, self._filename = open_reader, filename
+    self._reader = None
+    self._retrying(lambda reader: reader)
+
+  def read(self, *args, **kwargs):
+    return self._retrying(lambda reader: reader.read(*args, **kwargs))
+
+  def __getattr__(self, name):  # close, num_records, writer_options_string, ...
+    return getattr(self._reader, name)
+
+  def _retrying(self, use):
+    for retry in range(OPEN_ATTEMPTS):
+      try:
+        if self._reader is None:
+          self._reader = self._open_reader()
+        return use(self._reader)
+      except RuntimeError as e:
+        self._reader = None
+        if retry == OPEN_ATTEMPTS - 1:
+          raise
+        delay = POLICY.delay(retry)
+        with _lock:
+          _open_retries["array_record_open"] += 1
+        log.warning("reading %s failed (%s); opening it again, try %d of %d in %.2f s",
+                    self._filename, str(e)[:200], retry + 2, OPEN_ATTEMPTS, delay)
+        time.sleep(delay)
+
+
+def _reopening(create_reader):
+  """array_record's `_create_reader(filename, ...)`: a :class:`_ReopeningReader` for
+  a shard in a bucket."""
+
+  @functools.wraps(create_reader)
+  def wrapped(filename, *args, **kwargs):
+    if "://" not in os.fspath(filename):
+      return create_reader(filename, *args, **kwargs)
+    return _ReopeningReader(lambda: create_reader(filename, *args, **kwargs), filename)
+
+  return wrapped
+
+
+def _install_array_record() -> None:
+  from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+  array_record_data_source._create_reader = _reopening(  # pylint: disable=protected-access
+      array_record_data_source._create_reader)  # pylint: disable=protected-access
+
+
 def install() -> None:
   """Applies :data:`POLICY` to gcsfs and orbax's tensorstore (once per process)."""
   global _installed
@@ -157,10 +222,12 @@ def configure(policy: Policy) -> None:
 
 def counts() -> Dict[str, int]:
   """The retries of this process so far: gcsfs's by cause (`gcsfs_503`,
-  `gcsfs_ClientPayloadError`, ...) and tensorstore's (`tensorstore`)."""
+  `gcsfs_ClientPayloadError`, ...), array_record's reopened shards
+  (`array_record_open`) and tensorstore's (`tensorstore`)."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   with _lock:
     out = {f"gcsfs_{cause}": n for cause, n in sorted(_gcsfs_retries.items())}
+    out.update(_open_retries)
   for metric in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/gcs/retries"):
     out["tensorstore"] = sum(v.get("value", 0) for v in metric["values"])
   return out
@@ -170,3 +237,6 @@ def _log_summary() -> None:
   retried = {k: n for k, n in counts().items() if n}
   if retried:
     log.warning("bucket requests retried in this process: %s", retried)
+
+
+_install_array_record()

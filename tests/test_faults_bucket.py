@@ -1,13 +1,17 @@
 """A bucket that fails requests (tests/gcs_emulator.py's faults) and the retries of
 `gta_jax.retries`, in this process: files through `paths` (gcsfs) and an orbax
 checkpoint (tensorstore's arrays, gcsfs's metadata) survive 20% failed requests,
-each retry is counted, and without retries the same faults break them. A whole
-train + SIGKILL + resume + eval run under faults: test_train_e2e.py's bucket test.
+each retry is counted, and without retries the same faults break them; a shard
+smaller than array_record's 1 MiB footer read reads right when its connections drop
+(and damaged without the reopening). A whole train + SIGKILL + resume + eval run
+under faults: test_train_e2e.py's bucket test.
 """
 
 import collections
 
 import numpy as np
+from array_record.python import array_record_data_source
+from array_record.python import array_record_module
 import orbax.checkpoint as ocp
 import pytest
 
@@ -73,3 +77,52 @@ def test_without_retries_failed_requests_break_them(bucket, policy):
   with bucket.faulty(**FAULTS):
     with pytest.raises(Exception):  # whichever layer meets a fault first
       write_read_and_checkpoint("gs://bucket/no_retries")
+
+
+SHARD_RECORDS = 40
+
+
+@pytest.fixture(scope="module")
+def small_shard(bucket, tmp_path_factory):
+  """An ArrayRecord shard of random records, 0.5 MiB, in the bucket; its records."""
+  records = [np.random.RandomState(i).bytes(12000) for i in range(SHARD_RECORDS)]
+  local = str(tmp_path_factory.mktemp("shard") / "x.array_record")
+  writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
+  for record in records:
+    writer.write(record)
+  writer.close()
+  with open(local, "rb") as f:
+    paths.path("gs://bucket/shards/x.array_record").write_bytes(f.read())
+  # How tfds names a shard's records: no reader is opened to count them.
+  return f"gs://bucket/shards/x.array_record[0:{SHARD_RECORDS}]", records
+
+
+def read_shard_repeatedly(source_path: str, records) -> int:
+  """Opens the shard 16 times, reading one record each; how many reads were wrong."""
+  wrong = 0
+  for i in range(16):
+    source = array_record_data_source.ArrayRecordDataSource([source_path])
+    try:
+      wrong += source[i % SHARD_RECORDS] != records[i % SHARD_RECORDS]
+    except RuntimeError:  # "Failed to read RiegeliPostscript", ...
+      wrong += 1
+  return wrong
+
+
+def test_a_small_shard_reads_right_when_connections_drop(bucket, small_shard, policy,
+                                                        monkeypatch):
+  policy()
+  monkeypatch.setattr(retries, "OPEN_ATTEMPTS", 8)  # 3 fail at 0.3**3 of the opens
+  before = retries.counts().get("array_record_open", 0)
+  with bucket.faulty(drop_rate=0.3, seed=3) as faults:
+    assert read_shard_repeatedly(*small_shard) == 0
+  reopened = retries.counts()["array_record_open"] - before
+  print(f"faults {dict(faults.counts)}; shard reopened {reopened} times")
+  assert reopened > 0
+  # array_record's own reader resumes a dropped read of the shard's last 1 MiB with a
+  # read of the last (1 MiB - received) bytes: all of a smaller shard, appended.
+  create_reader = array_record_data_source._create_reader  # pylint: disable=protected-access
+  monkeypatch.setattr(array_record_data_source, "_create_reader",
+                      create_reader.__wrapped__)
+  with bucket.faulty(drop_rate=0.3, seed=3):
+    assert read_shard_repeatedly(*small_shard) > 0
