@@ -150,6 +150,18 @@ def logits_of_run(workdir, config_path, clip):
   return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, clip))
 
 
+def assert_run_gives_peer_logits(workdir, outputs, name, what):
+  """The converted run's logits on the peer's clip `outputs/<name>_clip.npy` equal the
+  peer's `outputs/<name>_logits.npy` (1e-4 of the largest logit)."""
+  clip = np.load(outputs / f"{name}_clip.npy")
+  logits = logits_of_run(workdir, workdir / "config.py", clip)
+  reference = np.load(outputs / f"{name}_logits.npy")
+  assert logits.shape == reference.shape == (2, 400)
+  relative = np.abs(logits - reference).max() / np.abs(reference).max()
+  print(f"{what}: max |diff| / max |logit| = {relative:.2e}")
+  assert relative < 1e-4, relative
+
+
 def convert_in_process(source, pth, recipe, workdir):
   """`python -m gta_jax.convert` without a new process (its flags, its function)."""
   config = config_lib.from_file(recipes.path(recipe))
@@ -177,13 +189,7 @@ def test_converted_mmaction2_checkpoint_gives_mmaction2_logits(peer_outputs, rec
   assert "into every variable" in printed
   provenance = json.loads((tmp_path / "convert.json").read_text())
   assert provenance["source"] == "mmaction2" and provenance["config"] == recipe
-  clip = np.load(peer_outputs / f"{recipe}_clip.npy")
-  logits = logits_of_run(tmp_path, tmp_path / "config.py", clip)
-  reference = np.load(peer_outputs / f"{recipe}_logits.npy")
-  assert logits.shape == reference.shape == (2, 400)
-  relative = np.abs(logits - reference).max() / np.abs(reference).max()
-  print(f"{recipe}: max |diff| / max |logit| = {relative:.2e}")
-  assert relative < 1e-4, relative
+  assert_run_gives_peer_logits(tmp_path, peer_outputs, recipe, recipe)
 
 
 # Runs in the torch environment: the TSM authors' network (ops/models.py,
@@ -321,10 +327,4 @@ def test_converted_tsm_authors_checkpoint_gives_their_logits(tsm_outputs, name, 
                             str(tmp_path))
   if name == "tsm_nl":  # the output conv's bias, folded into its BatchNorm
     assert sum("folded base_model.layer" in line for line in printed) == 2
-  clip = np.load(tsm_outputs / f"{name}_clip.npy")
-  logits = logits_of_run(tmp_path, tmp_path / "config.py", clip)
-  reference = np.load(tsm_outputs / f"{name}_logits.npy")
-  assert logits.shape == reference.shape == (2, 400)
-  relative = np.abs(logits - reference).max() / np.abs(reference).max()
-  print(f"TSM authors' {name}: max |diff| / max |logit| = {relative:.2e}")
-  assert relative < 1e-4, relative
+  assert_run_gives_peer_logits(tmp_path, tsm_outputs, name, f"TSM authors' {name}")
