@@ -7,7 +7,8 @@ it once per seed with the README's commands (:func:`commands`, :func:`train_and_
 and is cached as a JSON record that holds at least `row`, `overrides` and `recipe`,
 the resolved config (:func:`recipe`). A cached run stands for its row as long as its
 overrides are the row's and no key of its recipe has changed value
-(:func:`is_current`): a change of recipe in `configs/` or `gta_jax/config_lib.py`
+(:func:`is_current`): a change of recipe in `configs/` or `gta_jax/config_lib.py`,
+or of the version of the dataset's builder (recorded as :data:`VERSION_KEY`),
 retires the runs it invalidates, while a key added later (which keeps the old
 behaviour) does not, nor do the settings of a temporal module the row does not use.
 The generated docs are rebuilt from the current runs (:func:`load_runs`); a summary
@@ -28,6 +29,7 @@ import flax
 import ml_collections
 
 from gta_jax import config_lib
+from gta_jax.data import builders
 from gta_jax.models import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +39,12 @@ RUN_KEYS = ("seed", "data.data_dir")
 # Keys that change how a value is rounded, not what is computed: a run whose recipe
 # differs only in them stays current.
 NUMERICS_KEYS = ("model.bn_two_pass_variance",)
+# The recipe's entry for the version of the dataset's builder (its `VERSION`).
+VERSION_KEY = "data.builder_version"
+# The embedded builders' versions when runs began to record theirs: a run recorded
+# without :data:`VERSION_KEY` is read as built at these.
+UNRECORDED_VERSIONS = {"synthetic_motion": "2.0.0", "synthetic_captions": "1.0.0",
+                       "synthetic_long": "1.0.0"}
 
 # Row name -> (config file name, overrides, ...).
 Rows = Mapping[str, Sequence[Any]]
@@ -75,9 +83,11 @@ def load_config(config_name: str,
 
 def recipe(config_name: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
   """The flattened config a row trains with, as JSON values, less :data:`RUN_KEYS`
-  and the sections of temporal modules it does not use (`model.gta.*` of TSN)."""
+  and the sections of temporal modules it does not use (`model.gta.*` of TSN), plus
+  the version of its dataset's builder as :data:`VERSION_KEY`."""
   config = load_config(config_name, overrides)
   flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+  flat[VERSION_KEY] = str(builders.builder_class(config.data.dataset).VERSION)
   used = registry.temporal_module_names(config.model)
   unused = tuple(f"model.{name}." for name in registry.TEMPORAL_MODULES
                  if name not in used)
@@ -88,8 +98,13 @@ def recipe(config_name: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
 def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:
   """The keys whose value in the run's recorded recipe differs from `current`'s;
   keys only one of them has are not compared (a new key keeps the old behaviour), nor
-  are :data:`NUMERICS_KEYS`."""
-  return sorted(k for k, v in run["recipe"].items()
+  are :data:`NUMERICS_KEYS`; a run without :data:`VERSION_KEY` has the version of
+  :data:`UNRECORDED_VERSIONS`, where that lists its dataset."""
+  recorded = dict(run["recipe"])
+  dataset = recorded.get("data.dataset")
+  if VERSION_KEY not in recorded and dataset in UNRECORDED_VERSIONS:
+    recorded[VERSION_KEY] = UNRECORDED_VERSIONS[dataset]
+  return sorted(k for k, v in recorded.items()
                 if k in current and current[k] != v and k not in NUMERICS_KEYS)
 
 

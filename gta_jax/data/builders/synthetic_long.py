@@ -3,11 +3,11 @@
 Eight classes in four pairs, each class the time-reverse of its partner
 (docs/ablations.md has the design and what each model should solve):
 
-  flash_then_blink / blink_then_flash, pulse_then_recolour / recolour_then_pulse:
-    one object wanders along a smooth random path; two one-frame events happen to it
-    (the frame brightens; the object is not drawn; it is drawn twice as large; in a
-    second colour), at least half a clip apart and `MARGIN` frames from either end.
-    The class is which came first.
+  flash_then_blink / blink_then_flash, dim_then_recolour / recolour_then_dim:
+    one object wanders along a smooth random path; two one-frame events happen, the
+    first to the whole frame (it brightens; it darkens), the second to the object
+    (it is not drawn; it is drawn in a second colour), at least half a clip apart and
+    `MARGIN` frames from either end. The class is which came first.
   approaching / separating, hiding / emerging:
     two objects move relative to each other (their centres close in until just
     apart; a small object slides behind a large one until hidden) while the whole
@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from gta_jax.data.builders import synthetic_motion as sm
 
 PAIRS = (("flash_then_blink", "blink_then_flash"),
-         ("pulse_then_recolour", "recolour_then_pulse"),
+         ("dim_then_recolour", "recolour_then_dim"),
          ("approaching", "separating"), ("hiding", "emerging"))
 CLASS_NAMES = tuple(name for pair in PAIRS for name in pair)
 EVENT_PAIRS = (0, 1)  # the long-range order pairs; the others are relations
@@ -77,21 +77,22 @@ def render_events(pair: int, num_frames: int, height: int, width: int,
   angle = rng.uniform(0, 2 * math.pi)
   path = _wander(n, np.array([r, r]), np.array([w - r, h - r]), rng)
   a, b = event_times(n, rng)
-  radius, colours, drawn = np.full(n, r), [colour] * n, np.ones(n, bool)
+  colours, drawn = [colour] * n, np.ones(n, bool)
   frames = np.repeat(bg[None], n, axis=0)
   if pair == 0:  # flash (the frame brightens), then blink (no object)
     drawn[b] = False
-  else:  # pulse (twice the size), then recolour
-    radius[a] = 2 * r
+  else:  # dim (the frame darkens), then recolour
     second = sm.contrasting(rng, bg)
     while np.abs(np.subtract(second, colour)).sum() < 150:
       second = sm.contrasting(rng, bg)
     colours[b] = second
   for t in range(n):
     if drawn[t]:
-      sm.draw(frames[t], shape, path[t, 0], path[t, 1], radius[t], angle, colours[t])
+      sm.draw(frames[t], shape, path[t, 0], path[t, 1], r, angle, colours[t])
   if pair == 0:
     frames[a] = 255.0 - 0.4 * (255.0 - frames[a])
+  else:
+    frames[a] = 0.4 * frames[a]
   return _finish(frames, rng), (a, b)
 
 
@@ -115,13 +116,16 @@ def render_relation(pair: int, num_frames: int, height: int, width: int,
   u = np.linspace(0.0, 1.0, n) ** rng.uniform(0.8, 1.25)
   if pair == 2:  # two objects, their centres closing in until just apart
     shapes = [sm.SHAPES[int(i)] for i in rng.integers(len(sm.SHAPES), size=2)]
-    radii = rng.uniform(0.09, 0.13, size=2) * short
-    far, near = rng.uniform(0.45, 0.55) * short, radii.sum() + rng.uniform(2.0, 4.0)
+    radii = rng.uniform(0.13, 0.2, size=2) * short  # synthetic_motion's sizes
+    near = radii.sum() + rng.uniform(2.0, 4.0)
+    far = near + rng.uniform(0.2, 0.3) * short
     offsets = (far + (near - far) * u)[:, None] * np.array([-0.5, 0.5])  # along an axis
   else:  # a small object sliding behind a large one (a circle or a square)
     shapes = [sm.SHAPES[int(rng.integers(len(sm.SHAPES)))],
               ("circle", "square")[int(rng.integers(2))]]
-    radii = np.array([rng.uniform(0.08, 0.1), rng.uniform(0.22, 0.26)]) * short
+    # The small one at synthetic_motion's smallest sizes, which a square of the
+    # large one's (inradius >= 0.22 / sqrt(2) > 0.15) still hides.
+    radii = np.array([rng.uniform(0.13, 0.15), rng.uniform(0.22, 0.26)]) * short
     start = radii.sum() + rng.uniform(1.0, 3.0)
     offsets = np.stack([start * (1.0 - u), np.zeros(n)], -1)
   angles = rng.uniform(0, 2 * math.pi, size=2)
@@ -176,5 +180,10 @@ class SyntheticLong(sm.SyntheticMotion, skip_registration=True):
   CLASS_NAMES = CLASS_NAMES
   MIN_FRAMES = MIN_FRAMES
   make_video = staticmethod(make_video)
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Two long-range order pairs and two relation pairs."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Two long-range order pairs and two relation pairs.",
+      "1.1.0": "The relation pairs' objects at synthetic_motion's sizes; the second "
+               "long-range pair dim_then_recolour (a frame-wide first event), "
+               "replacing pulse_then_recolour (docs/ablations.md, Revision 1.1.0).",
+  }
