@@ -200,3 +200,19 @@ def test_a_numerics_only_key_does_not_retire_a_run():
   assert run_cache.changed_keys(run, _recipe("gta")) == []
   run["recipe"]["model.gta.cross_channel"] = True
   assert run_cache.changed_keys(run, _recipe("gta")) == ["model.gta.cross_channel"]
+
+
+def test_a_run_of_another_builder_version_is_stale():
+  """A run records its dataset builder's version; one recorded before runs did so
+  counts as built at run_cache.UNRECORDED_VERSIONS' version."""
+  key = run_cache.VERSION_KEY
+  current = _recipe("long_gta")
+  assert current[key] == str(ablations.synthetic_long.SyntheticLong.VERSION)
+  run = _run("long_gta", 0, 0.9)
+  assert run_cache.changed_keys(run, current) == []
+  del run["recipe"][key]  # recorded before versions were: synthetic_long 1.0.0
+  assert run_cache.changed_keys(run, dict(current, **{key: "1.0.0"})) == []
+  assert run_cache.changed_keys(run, dict(current, **{key: "1.1.0"})) == [key]
+  run = _run("gta", 0, 0.9)
+  del run["recipe"][key]  # synthetic_motion, still at the version runs began with
+  assert run_cache.changed_keys(run, _recipe("gta")) == []
