@@ -84,14 +84,15 @@ def _scene_shift(first: np.ndarray, last: np.ndarray, reach: int) -> np.ndarray:
 
 @pytest.mark.parametrize("pair", (2, 3))
 def test_the_relation_pairs_drift_the_whole_scene(pair):
-  """The scene of relation videos drifts by 0.25-0.4 of the width, as the shift that
+  """The scene of relation videos drifts by 0.08-0.15 of the width, as the shift that
   best maps the first frame onto the last shows."""
   for i in range(4):
     video, drift = sl.render_relation(pair, N, H, W, np.random.default_rng([5, i]))
-    assert 0.25 * W - 1e-6 <= np.hypot(*(drift[-1] - drift[0])) <= 0.4 * W + 1e-6
+    assert 0.08 * W - 1e-6 <= np.hypot(*(drift[-1] - drift[0])) <= 0.15 * W + 1e-6
     frames = video.astype(np.float64)
-    seen = _scene_shift(frames[0], frames[-1], reach=int(0.4 * W) + 1)
-    np.testing.assert_allclose(seen, drift[-1] - drift[0], atol=0.1 * W)
+    seen = _scene_shift(frames[0], frames[-1], reach=int(0.15 * W) + 1)
+    np.testing.assert_allclose(seen, drift[-1] - drift[0], atol=2.5)
+    assert np.hypot(*seen) >= 0.05 * W  # the texture is smooth: a whole-pixel estimate
 
 
 def test_the_builder_is_deterministic_by_seed(tmp_path):

@@ -10,8 +10,8 @@ Eight classes in four pairs, each class the time-reverse of its partner
     `MARGIN` frames from either end. The class is which came first.
   approaching / separating, hiding / emerging:
     two objects move relative to each other (their centres close in until just
-    apart; a small object slides behind a large one until hidden) while the whole
-    scene, background and objects, drifts across the frame.
+    apart; a small object slides behind a large one until hidden) along a random
+    direction, while the whole scene, background and objects, drifts a little.
 
 Rendered with `synthetic_motion`'s machinery (backgrounds, shapes, colours, noise).
 Every random choice besides the class has a law that time reversal leaves unchanged,
@@ -110,37 +110,41 @@ def _drifting_background(rng: np.random.Generator, h: int, w: int,
 def render_relation(pair: int, num_frames: int, height: int, width: int,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """A forward video of relation pair `pair` (2: approaching, 3: hiding) and the
-  scene's drift, `(n, 2)` pixels (x, y) from where it is halfway through."""
+  scene's drift, `(n, 2)` pixels (x, y) from where it is halfway through.
+
+  Both objects stay inside the central `short x short` square, the part of the frame
+  that the centre crop of a short-side resize keeps."""
   n, h, w = num_frames, height, width
   short = min(h, w)
   u = np.linspace(0.0, 1.0, n) ** rng.uniform(0.8, 1.25)
-  if pair == 2:  # two objects, their centres closing in until just apart
+  if pair == 2:  # two small objects, their centres closing in until just apart
     shapes = [sm.SHAPES[int(i)] for i in rng.integers(len(sm.SHAPES), size=2)]
-    radii = rng.uniform(0.13, 0.2, size=2) * short  # synthetic_motion's sizes
+    radii = rng.uniform(0.1, 0.13, size=2) * short
     near = radii.sum() + rng.uniform(2.0, 4.0)
-    far = near + rng.uniform(0.2, 0.3) * short
+    far = near + rng.uniform(0.3, 0.4) * short
     offsets = (far + (near - far) * u)[:, None] * np.array([-0.5, 0.5])  # along an axis
   else:  # a small object sliding behind a large one (a circle or a square)
     shapes = [sm.SHAPES[int(rng.integers(len(sm.SHAPES)))],
               ("circle", "square")[int(rng.integers(2))]]
-    # The small one at synthetic_motion's smallest sizes, which a square of the
-    # large one's (inradius >= 0.22 / sqrt(2) > 0.15) still hides.
-    radii = np.array([rng.uniform(0.13, 0.15), rng.uniform(0.22, 0.26)]) * short
-    start = radii.sum() + rng.uniform(1.0, 3.0)
+    # A square of the large one's smallest size (inradius 0.24 / sqrt(2) > 0.12)
+    # still hides the small one.
+    radii = np.array([rng.uniform(0.1, 0.12), rng.uniform(0.24, 0.28)]) * short
+    start = radii.sum() + rng.uniform(2.0, 5.0)
     offsets = np.stack([start * (1.0 - u), np.zeros(n)], -1)
   angles = rng.uniform(0, 2 * math.pi, size=2)
-  # Redraw the directions until the objects stay in the frame: the accepted law is
+  box_lo = np.array([(w - short) / 2, (h - short) / 2])
+  box_hi = box_lo + short
+  # Redraw the directions until the objects stay in the box: the accepted law is
   # still unchanged by reversal (the test is symmetric in time).
   while True:
     axis = rng.uniform(0, 2 * math.pi)
     direction = np.array([math.cos(axis), math.sin(axis)])
     drift_angle = rng.uniform(0, 2 * math.pi)
-    drift = rng.uniform(0.25, 0.4) * w * (np.linspace(-0.5, 0.5, n)[:, None]) * np.array(
+    drift = rng.uniform(0.08, 0.15) * w * (np.linspace(-0.5, 0.5, n)[:, None]) * np.array(
         [math.cos(drift_angle), math.sin(drift_angle)])
     centres = [drift + offsets[:, i:i + 1] * direction for i in range(2)]
-    lo = np.max([(radii[i] - c).max(0) for i, c in enumerate(centres)], 0)
-    hi = np.min([(np.array([w, h]) - radii[i] - c).min(0) for i, c in enumerate(centres)],
-                0)
+    lo = np.max([(box_lo + radii[i] - c).max(0) for i, c in enumerate(centres)], 0)
+    hi = np.min([(box_hi - radii[i] - c).min(0) for i, c in enumerate(centres)], 0)
     if np.all(lo < hi):
       break
   middle = rng.uniform(lo, hi)
@@ -180,10 +184,13 @@ class SyntheticLong(sm.SyntheticMotion, skip_registration=True):
   CLASS_NAMES = CLASS_NAMES
   MIN_FRAMES = MIN_FRAMES
   make_video = staticmethod(make_video)
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "Two long-range order pairs and two relation pairs.",
       "1.1.0": "The relation pairs' objects at synthetic_motion's sizes; the second "
                "long-range pair dim_then_recolour (a frame-wide first event), "
                "replacing pulse_then_recolour (docs/ablations.md, Revision 1.1.0).",
+      "1.2.0": "The relation pairs: a drift smaller than the relative motion, both "
+               "objects inside the centre crop, small objects closing in from further "
+               "apart, a larger occluder (docs/ablations.md, Revision 1.2.0).",
   }
