@@ -91,7 +91,7 @@ def test_the_relation_pairs_drift_the_whole_scene(pair):
     assert 0.08 * W - 1e-6 <= np.hypot(*(drift[-1] - drift[0])) <= 0.15 * W + 1e-6
     frames = video.astype(np.float64)
     seen = _scene_shift(frames[0], frames[-1], reach=int(0.15 * W) + 1)
-    np.testing.assert_allclose(seen, drift[-1] - drift[0], atol=2.5)
+    np.testing.assert_allclose(seen, drift[-1] - drift[0], atol=3.5)
     assert np.hypot(*seen) >= 0.05 * W  # the texture is smooth: a whole-pixel estimate
 
 

@@ -9,9 +9,10 @@ Eight classes in four pairs, each class the time-reverse of its partner
     (it is not drawn; it is drawn in a second colour), at least half a clip apart and
     `MARGIN` frames from either end. The class is which came first.
   approaching / separating, hiding / emerging:
-    two objects move relative to each other (their centres close in until just
-    apart; a small object slides behind a large one until hidden) along a random
-    direction, while the whole scene, background and objects, drifts a little.
+    two objects move relative to each other along a random direction (their
+    centres close in until they overlap; a small object slides behind a large one),
+    then stay in that state (in contact; hidden) for the rest of the clip, while the
+    whole scene, background and objects, drifts a little.
 
 Rendered with `synthetic_motion`'s machinery (backgrounds, shapes, colours, noise).
 Every random choice besides the class has a law that time reversal leaves unchanged,
@@ -35,6 +36,9 @@ PAIRS = (("flash_then_blink", "blink_then_flash"),
 CLASS_NAMES = tuple(name for pair in PAIRS for name in pair)
 EVENT_PAIRS = (0, 1)  # the long-range order pairs; the others are relations
 MARGIN = 4  # frames between an event and either end of the clip
+# The relation pairs' relative motion takes this fraction of the clip (a uniform
+# draw); for the rest the objects stay in contact (approaching) or hidden (hiding).
+CONTACT_FRACTION = (0.45, 0.6)
 # The fewest frames with room for two events half a clip apart (at least 9 frames)
 # and MARGIN frames from either end: 4 + 9 + 1 + 4.
 MIN_FRAMES = 18
@@ -112,16 +116,19 @@ def render_relation(pair: int, num_frames: int, height: int, width: int,
   """A forward video of relation pair `pair` (2: approaching, 3: hiding) and the
   scene's drift, `(n, 2)` pixels (x, y) from where it is halfway through.
 
-  Both objects stay inside the central `short x short` square, the part of the frame
-  that the centre crop of a short-side resize keeps."""
+  The relative motion takes the first `CONTACT_FRACTION` of the clip; for the rest the
+  objects stay in its end state (in contact; hidden). Both objects stay inside the
+  central `short x short` square, the part of the frame that the centre crop of a
+  short-side resize keeps."""
   n, h, w = num_frames, height, width
   short = min(h, w)
-  u = np.linspace(0.0, 1.0, n) ** rng.uniform(0.8, 1.25)
-  if pair == 2:  # two small objects, their centres closing in until just apart
+  moving = rng.uniform(*CONTACT_FRACTION) * (n - 1)  # frames until the end state
+  u = np.minimum(np.arange(n) / moving, 1.0) ** rng.uniform(0.8, 1.25)
+  if pair == 2:  # two small objects, their centres closing in until they overlap
     shapes = [sm.SHAPES[int(i)] for i in rng.integers(len(sm.SHAPES), size=2)]
     radii = rng.uniform(0.1, 0.13, size=2) * short
-    near = radii.sum() + rng.uniform(2.0, 4.0)
-    far = near + rng.uniform(0.3, 0.4) * short
+    near = 0.8 * radii.sum()
+    far = radii.sum() + rng.uniform(0.3, 0.4) * short
     offsets = (far + (near - far) * u)[:, None] * np.array([-0.5, 0.5])  # along an axis
   else:  # a small object sliding behind a large one (a circle or a square)
     shapes = [sm.SHAPES[int(rng.integers(len(sm.SHAPES)))],
@@ -129,7 +136,7 @@ def render_relation(pair: int, num_frames: int, height: int, width: int,
     # A square of the large one's smallest size (inradius 0.24 / sqrt(2) > 0.12)
     # still hides the small one.
     radii = np.array([rng.uniform(0.1, 0.12), rng.uniform(0.24, 0.28)]) * short
-    start = radii.sum() + rng.uniform(2.0, 5.0)
+    start = radii.sum() + rng.uniform(4.0, 8.0)
     offsets = np.stack([start * (1.0 - u), np.zeros(n)], -1)
   angles = rng.uniform(0, 2 * math.pi, size=2)
   box_lo = np.array([(w - short) / 2, (h - short) / 2])
@@ -184,7 +191,7 @@ class SyntheticLong(sm.SyntheticMotion, skip_registration=True):
   CLASS_NAMES = CLASS_NAMES
   MIN_FRAMES = MIN_FRAMES
   make_video = staticmethod(make_video)
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
       "1.0.0": "Two long-range order pairs and two relation pairs.",
       "1.1.0": "The relation pairs' objects at synthetic_motion's sizes; the second "
@@ -193,4 +200,7 @@ class SyntheticLong(sm.SyntheticMotion, skip_registration=True):
       "1.2.0": "The relation pairs: a drift smaller than the relative motion, both "
                "objects inside the centre crop, small objects closing in from further "
                "apart, a larger occluder (docs/ablations.md, Revision 1.2.0).",
+      "1.3.0": "The relation pairs end in a lasting state: the objects close in until "
+               "they overlap, the small one stays hidden, for the last 40-55% of the "
+               "clip (docs/ablations.md, Revision 1.3.0).",
   }
