@@ -95,6 +95,42 @@ def test_the_relation_pairs_drift_the_whole_scene(pair):
     assert np.hypot(*seen) >= 0.05 * W  # the texture is smooth: a whole-pixel estimate
 
 
+def _drawn_objects(monkeypatch, pair: int, seed) -> np.ndarray:
+  """The objects a relation video of `pair` draws: `(n, 2, 3)` centre x, y and radius
+  of the first and the second object (drawn over the first) in each frame."""
+  calls = []
+  monkeypatch.setattr(sl.sm, "draw", lambda img, shape, x, y, r, angle, colour:
+                      calls.append((x, y, r)))
+  sl.render_relation(pair, N, H, W, np.random.default_rng(seed))
+  return np.array(calls).reshape(N, 2, 3)
+
+
+@pytest.mark.parametrize("pair", (2, 3))
+def test_the_relation_ends_in_a_lasting_state_inside_the_centre_crop(monkeypatch, pair):
+  """The objects close in (or the small one slides behind the large one) over 45-60%
+  of the clip, then stay in contact (hidden); both stay inside the central H x H
+  square that a centre crop after a short-side resize keeps."""
+  first_still = int(np.ceil(sl.CONTACT_FRACTION[1] * (N - 1)))
+  last_moving = int(np.floor(sl.CONTACT_FRACTION[0] * (N - 1))) - 1
+  for i in range(6):
+    objects = _drawn_objects(monkeypatch, pair, [7, pair, i])
+    centres, radii = objects[..., :2], objects[0, :, 2]
+    left, right = (W - H) / 2, (W + H) / 2
+    assert (centres[..., 0] - radii >= left - 1e-6).all()
+    assert (centres[..., 0] + radii <= right + 1e-6).all()
+    assert (centres[..., 1] - radii >= -1e-6).all()
+    assert (centres[..., 1] + radii <= H + 1e-6).all()
+    distance = np.hypot(*(centres[:, 0] - centres[:, 1]).T)
+    assert (np.diff(distance) <= 1e-9).all()  # closing in, never apart again
+    end = 0.8 * radii.sum() if pair == 2 else 0.0  # overlapping; hidden (concentric)
+    np.testing.assert_allclose(distance[first_still:], end, atol=1e-6)
+    assert (distance[:last_moving + 1] > end + 1.0).all()
+    if pair == 2:
+      assert distance[0] >= radii.sum() + 0.3 * H - 1e-6
+    else:  # the small one fits inside the large one's inscribed circle
+      assert radii[0] <= radii[1] / np.sqrt(2)
+
+
 def test_the_builder_is_deterministic_by_seed(tmp_path):
   def first_videos(seed):
     builder = sl.SyntheticLong(data_dir=str(tmp_path), train_per_class=1,
