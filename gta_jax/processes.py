@@ -1,6 +1,7 @@
 """Whether a process of this host still runs: for locks and leases left by dead ones."""
 
 import os
+import socket
 
 
 def start_time(pid: int) -> str:
@@ -22,3 +23,10 @@ def alive(pid: int, start: str = "") -> bool:
   except PermissionError:
     pass  # it runs, as another user
   return not start or start_time(pid) in ("", start)
+
+
+def ended(host: str, pid: int, start: str = "") -> bool:
+  """Whether process `pid` of `host`, started at `start` (:func:`start_time`'s; ''
+  if unknown), is known to have ended. Only this host's processes can be checked:
+  False for another host's."""
+  return host == socket.gethostname() and not alive(pid, start)

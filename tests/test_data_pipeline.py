@@ -395,3 +395,40 @@ def test_concurrent_preparation_is_race_free(tmp_path, monkeypatch):
   assert len(results) == 3 and all(r == results[0] for r in results)
   assert len(calls) == 1  # one preparer, the others waited for it
   assert not os.path.exists(path + ".lock")
+
+
+def prepare_beside_a_lock(tmp_path, lock_text, timeout_s=5.0):
+  """Runs `preparation._run_once` on a folder whose lock holds `lock_text`; whether it
+  prepared (wrote the folder's dataset_info.json) within `timeout_s`."""
+  import threading
+  path = str(tmp_path / "dataset")
+  os.makedirs(path)
+  with open(path + ".lock", "w") as f:
+    f.write(lock_text)
+  info = os.path.join(path, pipeline.INFO_FILE)
+  prepared = []
+  prepare = lambda: prepared.append(open(info, "w").close())
+  thread = threading.Thread(target=preparation._run_once, args=(path, prepare, 0.01))
+  thread.start()
+  thread.join(timeout_s)
+  open(info, "w").close()  # lets a waiter go
+  thread.join()
+  return bool(prepared)
+
+
+@pytest.mark.parametrize("start", ["1", None])
+def test_a_lock_of_this_pid_from_an_earlier_process_is_stale(tmp_path, start):
+  """A restarted container's Python often has the pid of the one that left the lock
+  (PID 1): the start time tells them apart; a lock without one (written before locks
+  held it) cannot be this process's."""
+  import socket
+  from gta_jax import processes
+  assert start != processes.start_time(os.getpid())
+  text = f"{socket.gethostname()} {os.getpid()}" + (f" {start}" if start else "")
+  assert prepare_beside_a_lock(tmp_path, text)
+  assert not os.path.exists(str(tmp_path / "dataset.lock"))
+
+
+def test_a_lock_of_a_live_process_is_waited_on(tmp_path):
+  """The counter-test: this very process (another thread) holds the lock."""
+  assert not prepare_beside_a_lock(tmp_path, preparation._lock_text(), timeout_s=0.5)

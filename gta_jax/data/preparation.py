@@ -39,13 +39,24 @@ def _how_to_prepare(d) -> str:
           f"--data_dir={d.data_dir}")
 
 
+def _lock_text() -> str:
+  """What a lock file holds: `host pid start` (start: `processes.start_time`, '-' if
+  unknown), so that a later process that reuses the pid (PID 1 of a restarted
+  container) is not taken for the holder."""
+  return f"{socket.gethostname()} {os.getpid()} {processes.start_time(os.getpid()) or '-'}"
+
+
 def _held_by_dead_process(lock: str) -> bool:
   """Whether `lock` names a process of this host that no longer runs."""
   try:
-    host, pid = open(lock).read().split()
-    return host == socket.gethostname() and not processes.alive(int(pid))
+    with open(lock) as f:
+      host, pid, *start = f.read().split()
+    pid = int(pid)
   except (OSError, ValueError):
     return False  # the lock is being written or was just removed
+  if not start and pid == os.getpid():  # this process writes start times: an older one
+    return host == socket.gethostname()
+  return processes.ended(host, pid, start[0].strip("-") if start else "")
 
 
 def _remove_stale_lock(lock: str) -> None:
@@ -69,7 +80,8 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
 
   A lock file next to `path` (O_EXCL) elects the preparing process; the others wait until
   the data appears, and take over if the lock goes away without it (the preparer failed).
-  A lock left by a dead process on this host is removed; one left by another host must be
+  A lock left by a dead process on this host (its pid gone, or now another process's:
+  the lock holds the holder's start time) is removed; one left by another host must be
   removed by hand (the message says where). On a data_dir that hosts do not share, each
   host prepares its own copy. Local paths only (a bucket has no exclusive create).
   """
@@ -92,7 +104,7 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
       continue
     try:
       with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}")
+        f.write(_lock_text())
       if not pipeline.is_prepared(path):
         prepare_fn()
     finally:

@@ -69,7 +69,7 @@ class Holder:
 
   def is_dead(self, timeout_s: float) -> Optional[str]:
     """Why this holder is dead (None if it may be alive)."""
-    if self.host == socket.gethostname() and not processes.alive(self.pid, self.pid_start):
+    if processes.ended(self.host, self.pid, self.pid_start):
       return f"its process {self.pid} on this host is gone"
     if time.time() - self.heartbeat > timeout_s:
       return f"its heartbeat is older than {timeout_s:.0f} s"
