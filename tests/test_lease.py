@@ -50,7 +50,7 @@ def hold(workdir, timeout_s=300.0, env=None):
 
 def write_lease(workdir, **fields):
   """Plants a lease of another holder (its fields overridden)."""
-  holder = lease_lib.Holder.me()
+  holder = lease_lib.Holder.me(timeout_s=300.0)
   holder = lease_lib.Holder(**dict(holder.__dict__, **fields))
   lease = lease_lib.Lease(workdir)
   assert lease._store.create(holder.encode())  # pylint: disable=protected-access
@@ -99,6 +99,28 @@ def test_a_holder_on_another_host_is_dead_when_its_heartbeat_is_old(workdir, age
     return
   lease = lease_lib.Lease(workdir, timeout_s=300).acquire()
   assert read_lease(workdir)["host"] != "elsewhere"
+  lease.release()
+
+
+@pytest.mark.parametrize("holder_timeout_s,taken_over", [(3600.0, False), (None, True)])
+def test_a_holder_is_judged_by_the_longer_of_the_two_timeouts(workdir, holder_timeout_s,
+                                                              taken_over):
+  """A holder that beats every 360 s (lease_timeout_s=3600), silent for 1000 s, is
+  alive to a contender with 300 s; a record without the holder's timeout (written
+  before leases held it) is judged by the contender's."""
+  fields = dict(host="elsewhere", pid=1, heartbeat=time.time() - 1000)
+  if holder_timeout_s is None:
+    holder = lease_lib.Holder(**dict(lease_lib.Holder.me(0.0).__dict__, **fields))
+    old = {k: v for k, v in holder.__dict__.items() if k != "timeout_s"}
+    assert lease_lib.Lease(workdir)._store.create(json.dumps(old).encode())  # pylint: disable=protected-access
+  else:
+    write_lease(workdir, timeout_s=holder_timeout_s, **fields)
+  if not taken_over:
+    with pytest.raises(lease_lib.WorkdirLeasedError, match="after 3600 s without"):
+      lease_lib.Lease(workdir, timeout_s=300).acquire()
+    return
+  lease = lease_lib.Lease(workdir, timeout_s=300).acquire()
+  assert read_lease(workdir)["timeout_s"] == 300
   lease.release()
 
 

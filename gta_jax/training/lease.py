@@ -5,8 +5,8 @@ the workdir and holds it until it ends; a thread rewrites its heartbeat every
 `timeout_s / 10` seconds. A second run on the same workdir finds a live lease and
 stops at once with :class:`WorkdirLeasedError`, naming the holder (host, process id,
 start time). A lease is taken over, with a warning, when its holder is dead (on this
-host: its process is gone) or its heartbeat is older than `timeout_s` (a holder on
-another host, or a hung one). Readers (`eval.py`, predict, features) take no lease.
+host: its process is gone) or its heartbeat is older than the longer of the two runs'
+`timeout_s` (a holder on another host, or a hung one; the lease records its holder's). Readers (`eval.py`, predict, features) take no lease.
 
 The file is only ever created with a create-only write, never by a read-then-write:
 locally a hard link of a complete temporary file (fails if the lease exists); on a
@@ -48,12 +48,13 @@ class Holder:
   heartbeat: float  # time.time() of its last heartbeat
   token: str  # this holding's identity
   pid_start: str = ""  # the process's start time in clock ticks (Linux), against pid reuse
+  timeout_s: float = 0.0  # its own lease timeout (it beats every timeout_s / 10); 0: unknown
 
   @classmethod
-  def me(cls) -> "Holder":
+  def me(cls, timeout_s: float) -> "Holder":
     now = time.time()
     return cls(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex,
-               processes.start_time(os.getpid()))
+               processes.start_time(os.getpid()), timeout_s)
 
   def encode(self) -> bytes:
     return json.dumps(dataclasses.asdict(self)).encode()
@@ -67,12 +68,18 @@ class Holder:
     return (f"host {self.host}, process {self.pid}, started {started}, last heartbeat "
             f"{time.time() - self.heartbeat:.0f} s ago")
 
+  def patience_s(self, timeout_s: float) -> float:
+    """How long a contender with `timeout_s` waits for this holder's heartbeat: the
+    longer of the two timeouts (a holder beats every tenth of its own)."""
+    return max(timeout_s, self.timeout_s)
+
   def is_dead(self, timeout_s: float) -> Optional[str]:
-    """Why this holder is dead (None if it may be alive)."""
+    """Why this holder is dead to a contender with `timeout_s` (None if it may be
+    alive)."""
     if processes.ended(self.host, self.pid, self.pid_start):
       return f"its process {self.pid} on this host is gone"
-    if time.time() - self.heartbeat > timeout_s:
-      return f"its heartbeat is older than {timeout_s:.0f} s"
+    if time.time() - self.heartbeat > self.patience_s(timeout_s):
+      return f"its heartbeat is older than {self.patience_s(timeout_s):.0f} s"
     return None
 
 
@@ -235,7 +242,7 @@ class Lease:
     Raises:
       WorkdirLeasedError: a live holder has it.
     """
-    me = Holder.me()
+    me = Holder.me(self.timeout_s)
     while True:
       self._version = self._store.create(me.encode())
       if self._version is not None:
@@ -252,8 +259,8 @@ class Lease:
         raise WorkdirLeasedError(
             f"another run holds the workdir: {self.path} is held by {holder.describe()}. "
             "Stop that run, or use another --workdir (a lease whose holder died is "
-            f"taken over; one on another host after {self.timeout_s:.0f} s without a "
-            "heartbeat: config.lease_timeout_s).")
+            f"taken over; one on another host after {holder.patience_s(self.timeout_s):.0f}"
+            " s without a heartbeat: the longer of the two runs' config.lease_timeout_s).")
       self._version = self._store.replace(current[1], me.encode())
       if self._version:
         log.warning("Took over the lease %s from a dead run (%s): %s.", self.path,
