@@ -150,35 +150,75 @@ def _install_tensorstore() -> None:
 class _ReopeningReader:
   """An array_record reader of a shard in a bucket that opens the shard again when
   opening it or reading from it fails (see the module docstring): a failed read
-  leaves a riegeli reader failed for good."""
+  leaves a riegeli reader failed for good.
+
+  Thread-safe: grain's read threads share one. A failed reader is replaced once,
+  however many threads it failed in, and closed when no thread uses it any more.
+  """
 
   def __init__(self, open_reader, filename):
     self._open_reader, self._filename = open_reader, filename
+    self._lock = threading.Lock()
     self._reader = None
-    self._retrying(lambda reader: reader)
+    self._users = collections.Counter()  # threads using each reader
+    self._retrying(lambda reader: None)
 
   def read(self, *args, **kwargs):
     return self._retrying(lambda reader: reader.read(*args, **kwargs))
 
-  def __getattr__(self, name):  # close, num_records, writer_options_string, ...
-    return getattr(self._reader, name)
+  def close(self) -> None:
+    with self._lock:
+      reader, self._reader = self._reader, None
+    if reader is not None:
+      reader.close()
+
+  def __getattr__(self, name):  # num_records, writer_options_string, ...
+    return lambda *args, **kwargs: self._retrying(
+        lambda reader: getattr(reader, name)(*args, **kwargs))
+
+  def _take(self):
+    """The current reader (opened if there is none), counted as used."""
+    with self._lock:
+      if self._reader is None:
+        self._reader = self._open_reader()
+      self._users[self._reader] += 1
+      return self._reader
+
+  def _give_back(self, reader, failed: bool) -> None:
+    """Ends a use of `reader`. A failed one stops being the current reader (unless
+    another thread already replaced it), and a replaced one is closed by its last user."""
+    with self._lock:
+      self._users[reader] -= 1
+      if failed and self._reader is reader:
+        self._reader = None
+      if self._reader is reader or self._users[reader]:
+        return
+      del self._users[reader]
+    try:
+      reader.close()
+    except RuntimeError as e:  # a failed reader may report its failure again
+      log.debug("closing the failed reader of %s: %s", self._filename, e)
 
   def _retrying(self, use):
     for retry in range(OPEN_ATTEMPTS):
+      reader, failed = None, False
       try:
-        if self._reader is None:
-          self._reader = self._open_reader()
-        return use(self._reader)
+        reader = self._take()
+        return use(reader)
       except RuntimeError as e:
-        self._reader = None
+        failed = True
         if retry == OPEN_ATTEMPTS - 1:
           raise
-        delay = POLICY.delay(retry)
-        with _lock:
-          _open_retries["array_record_open"] += 1
-        log.warning("reading %s failed (%s); opening it again, try %d of %d in %.2f s",
-                    self._filename, str(e)[:200], retry + 2, OPEN_ATTEMPTS, delay)
-        time.sleep(delay)
+        error = e
+      finally:
+        if reader is not None:
+          self._give_back(reader, failed)
+      delay = POLICY.delay(retry)
+      with _lock:
+        _open_retries["array_record_open"] += 1
+      log.warning("reading %s failed (%s); opening it again, try %d of %d in %.2f s",
+                  self._filename, str(error)[:200], retry + 2, OPEN_ATTEMPTS, delay)
+      time.sleep(delay)
 
 
 def _reopening(create_reader):
