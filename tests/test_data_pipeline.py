@@ -432,3 +432,37 @@ def test_a_lock_of_this_pid_from_an_earlier_process_is_stale(tmp_path, start):
 def test_a_lock_of_a_live_process_is_waited_on(tmp_path):
   """The counter-test: this very process (another thread) holds the lock."""
   assert not prepare_beside_a_lock(tmp_path, preparation._lock_text(), timeout_s=0.5)
+
+
+def test_a_breaker_left_by_a_killed_process_is_stale(tmp_path):
+  """A process killed while removing a dead process's lock leaves `.lock.break`: an
+  old one is removed, and the lock broken."""
+  import socket
+  breaker = str(tmp_path / "dataset.lock.break")
+  open(breaker, "w").close()
+  os.utime(breaker, (time.time() - 3600,) * 2)
+  assert prepare_beside_a_lock(tmp_path, f"{socket.gethostname()} 999999999 1")
+  assert not os.path.exists(breaker)
+
+
+def test_waiters_on_a_lock_being_broken_sleep(tmp_path, monkeypatch):
+  """While another process breaks a dead process's lock (a fresh `.lock.break`), a
+  waiter polls at `poll_s`, it does not spin."""
+  import socket
+  open(str(tmp_path / "dataset.lock.break"), "w").close()
+  checks, sleeps = [], []
+  real_check = preparation._held_by_dead_process
+
+  def check(lock):
+    checks.append(1)
+    assert len(checks) < 100, "spinning"
+    return real_check(lock)
+
+  monkeypatch.setattr(preparation, "_held_by_dead_process", check)
+  monkeypatch.setattr(preparation.time, "sleep", sleeps.append)
+  path = str(tmp_path / "dataset")
+  with open(path + ".lock", "w") as f:
+    f.write(f"{socket.gethostname()} 999999999 1")
+  with pytest.raises(AssertionError, match="spinning"):
+    preparation._run_once(path, lambda: None, poll_s=0.5)
+  assert sleeps == [0.5] * len(sleeps) and len(sleeps) >= len(checks) - 2

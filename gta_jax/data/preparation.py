@@ -59,18 +59,19 @@ def _held_by_dead_process(lock: str) -> bool:
   return processes.ended(host, pid, start[0].strip("-") if start else "")
 
 
-def _remove_stale_lock(lock: str) -> None:
-  """Removes `lock` if its process is dead, checking again under a second lock so that
-  two processes that both saw it stale cannot remove a new preparer's lock."""
+def _remove_stale_lock(lock: str) -> bool:
+  """Removes `lock` if its process is dead (whether it did), checking again under a second lock so that
+  two processes that both saw it stale cannot remove a new preparer's lock. The second
+  lock is held a moment: one older than a minute was left by a killed process."""
   breaker = lock + ".break"
+  if not processes.take_lock_file(breaker, stale_s=60):
+    return False  # another process is removing it
   try:
-    os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-  except FileExistsError:
-    return  # another process is removing it
-  try:
-    if _held_by_dead_process(lock):
-      log.warning("Removing the stale lock %s of a dead process.", lock)
-      os.remove(lock)
+    if not _held_by_dead_process(lock):
+      return False
+    log.warning("Removing the stale lock %s of a dead process.", lock)
+    os.remove(lock)
+    return True
   finally:
     os.remove(breaker)
 
@@ -92,8 +93,7 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
     try:
       fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-      if _held_by_dead_process(lock):
-        _remove_stale_lock(lock)
+      if _held_by_dead_process(lock) and _remove_stale_lock(lock):
         continue
       if waited - last_log >= 60:
         log.info("Waiting for another process to prepare %s (lock %s, %.0f s).", path, lock,

@@ -135,14 +135,7 @@ class _LocalStore:
     """A short exclusive section: an O_EXCL lock file (one older than 30 s, left by
     a killed process, is removed)."""
     deadline = time.time() + 60
-    while True:
-      try:
-        os.close(os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        break
-      except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-          if time.time() - os.path.getmtime(self._lock) > 30:
-            os.remove(self._lock)
+    while not processes.take_lock_file(self._lock, stale_s=30):
       if time.time() > deadline:
         raise TimeoutError(f"cannot lock {self._lock}")
       time.sleep(0.05)
