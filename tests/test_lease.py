@@ -155,6 +155,26 @@ def test_the_holder_renews_its_heartbeat(workdir):
   lease.release()
 
 
+def test_a_run_whose_lease_was_taken_over_stops_before_its_next_checkpoint(workdir):
+  """Its heartbeat paused past the timeout, another run took the lease over: the
+  training loop's check before each save raises, naming the workdir and the new
+  holder, and leaves the new holder's lease alone."""
+  from gta_jax.training import loop  # pylint: disable=g-import-not-at-top
+  lease = lease_lib.Lease(workdir, timeout_s=0.5).acquire()
+  loop.check_lease(lease)  # held: nothing to say
+  store = lease_lib.Lease(workdir)._store  # pylint: disable=protected-access
+  data, version = store.read()
+  other = lease_lib.Holder(**dict(json.loads(data), host="elsewhere", pid=7, token="x"))
+  assert store.replace(version, other.encode())
+  assert lease.lost.wait(5)
+  with pytest.raises(lease_lib.LeaseLostError) as lost:
+    loop.check_lease(lease)
+  assert f"workdir {workdir}: " in str(lost.value)
+  assert "held by host elsewhere, process 7" in str(lost.value)
+  lease.release()
+  assert read_lease(workdir)["host"] == "elsewhere"
+
+
 @pytest.mark.slow
 def test_train_py_is_refused_at_once_and_starts_over_a_killed_holder(tmp_path):
   """A second train.py on a live workdir stops within seconds naming the holder; once

@@ -6,7 +6,9 @@ the workdir and holds it until it ends; a thread rewrites its heartbeat every
 stops at once with :class:`WorkdirLeasedError`, naming the holder (host, process id,
 start time). A lease is taken over, with a warning, when its holder is dead (on this
 host: its process is gone) or its heartbeat is older than the longer of the two runs'
-`timeout_s` (a holder on another host, or a hung one; the lease records its holder's). Readers (`eval.py`, predict, features) take no lease.
+`timeout_s` (a holder on another host, or a hung one; the lease records its
+holder's). A run whose lease was taken over stops before its next checkpoint
+(:meth:`Lease.check`). Readers (`eval.py`, predict, features) take no lease.
 
 The file is only ever created with a create-only write, never by a read-then-write:
 locally a hard link of a complete temporary file (fails if the lease exists); on a
@@ -37,6 +39,10 @@ LEASE_FILE = "lease.json"
 
 class WorkdirLeasedError(RuntimeError):
   """Another live run holds the workdir's lease."""
+
+
+class LeaseLostError(WorkdirLeasedError):
+  """This run lost its workdir's lease to another run (`Lease.check`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +234,8 @@ class Lease:
     self._version: Optional[str] = None
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
+    self.lost = threading.Event()  # set when another run took the lease over
+    self._lost_to = ""
 
   def acquire(self) -> "Lease":
     """Takes the lease (over a dead holder's, with a warning) and starts heartbeats.
@@ -278,12 +286,28 @@ class Lease:
       if current is not None and Holder.decode(current[0]).token == beat.token:
         version = current[1]  # ours: the answer to our upload was lost
       if not version:
-        other = Holder.decode(current[0]).describe() if current else "nobody"
+        self._lost_to = Holder.decode(current[0]).describe() if current else "nobody"
         log.error("Lost the lease %s (now held by %s): this run is no longer the only "
-                  "writer of its workdir.", self.path, other)
+                  "writer of its workdir.", self.path, self._lost_to)
         self.holder = None
+        self.lost.set()
         return
       self.holder, self._version = beat, version
+
+  def check(self) -> None:
+    """Raises if another run took the lease over (a training run checks before each
+    checkpoint, so that two runs never write the same checkpoints).
+
+    Raises:
+      LeaseLostError: naming the workdir and the new holder.
+    """
+    if self.lost.is_set():
+      raise LeaseLostError(
+          f"this run lost the lease of its workdir {os.path.dirname(self.path)}: "
+          f"{self.path} is now held by {self._lost_to}, so it stopped before its next "
+          "checkpoint. Its heartbeat had stopped for longer than the lease timeout (a "
+          "hung run, or a bucket it could not reach); raise config.lease_timeout_s if "
+          "that was a pause, and use one workdir per run.")
 
   def release(self) -> None:
     """Stops the heartbeats and deletes the lease (if this run still holds it)."""

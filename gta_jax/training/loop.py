@@ -24,7 +24,8 @@ Every process sees the same global metrics and parameters, so all take the same
 decision at the same step.
 
 Process 0 holds the workdir's lease (`lease.py`) while it trains: a second run on the
-same workdir is refused.
+same workdir is refused, and a run whose lease another took over (its heartbeat had
+stopped) raises `lease.LeaseLostError` before its next checkpoint.
 """
 
 import dataclasses
@@ -151,6 +152,28 @@ def take_lease(workdir: paths.PathLike, timeout_s: float) -> Optional[lease_lib.
   return lease
 
 
+def check_lease(lease: Optional[lease_lib.Lease]) -> None:
+  """Raises on every process if process 0 lost the workdir's lease (`take_lease`'s
+  `lease`; None elsewhere), before a save: two runs must not write the same
+  checkpoints.
+
+  Raises:
+    lease.LeaseLostError: naming the workdir and the new holder.
+  """
+  lost = None
+  if lease is not None:
+    try:
+      lease.check()
+    except lease_lib.LeaseLostError as e:
+      lost = e
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(lost is not None)) and lost is None:
+      lost = lease_lib.LeaseLostError("process 0 lost the workdir's lease (its log names "
+                                      "the new holder)")
+  if lost is not None:
+    raise lost
+
+
 def prepare_data(config: ml_collections.ConfigDict) -> Any:
   """Prepares the dataset on process 0 first, then opens it everywhere."""
   if jax.process_count() > 1:
@@ -250,6 +273,7 @@ class _Run:
   preemption: PreemptionWatcher
   log: _TrainLog
   abstract_state: Any
+  lease: Optional[lease_lib.Lease]
   summary: Optional[Dict[str, Any]] = None
   rollbacks: int = 0
   data_wait: float = 0.0  # seconds the loop waited for the next batch
@@ -286,7 +310,9 @@ class _Run:
 
     Raises:
       NonFinite: a pending metric or the state's variables are not finite.
+      lease.LeaseLostError: another run took the workdir's lease over.
     """
+    check_lease(self.lease)
     self.log.check_finite()
     if not bool(_all_finite(state.variables)):
       raise NonFinite(step, "parameters", float("nan"))
@@ -370,18 +396,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
     checkpoint.UnreadableCheckpointsError: checkpoints, none of them readable.
     NonFiniteLossError: non-finite training, and `config.nonfinite` stops the run.
     lease.WorkdirLeasedError: another live run holds `workdir`.
+    lease.LeaseLostError: another run took the lease over while this one trained.
   """
   check_config(config)
   lease = take_lease(workdir, config.lease_timeout_s)
   try:
-    return _train(config, workdir, validate)
+    return _train(config, workdir, validate, lease)
   finally:
     if lease is not None:
       lease.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: paths.PathLike,
-           validate: Optional[Validate]) -> Optional[Dict[str, Any]]:
+           validate: Optional[Validate],
+           lease: Optional[lease_lib.Lease]) -> Optional[Dict[str, Any]]:
   """`train_and_evaluate` once the workdir's lease is held."""
   mesh = sharding.make_mesh()
   meta = prepare_data(config)
@@ -403,7 +431,7 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.PathLike,
     train_step = tasks.make_train_step(config, model, tx, lr_fn, mesh)
     with writers.progress_bar(config.total_steps, start) as bar:
       run = _Run(config, mesh, ckpt, writer, train_iter, validate, preemption,
-                 _TrainLog(config, writer, bar), abstract_state, summary)
+                 _TrainLog(config, writer, bar), abstract_state, lease, summary)
       step = start
       while step < config.total_steps:
         step += 1
