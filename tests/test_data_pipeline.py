@@ -466,3 +466,29 @@ def test_waiters_on_a_lock_being_broken_sleep(tmp_path, monkeypatch):
   with pytest.raises(AssertionError, match="spinning"):
     preparation._run_once(path, lambda: None, poll_s=0.5)
   assert sleeps == [0.5] * len(sleeps) and len(sleeps) >= len(checks) - 2
+
+
+def test_a_dataset_whose_shards_fail_the_check_is_not_left_prepared(tmp_path, monkeypatch):
+  """The builder writes dataset_info.json before the shards are checked: a failed
+  check must not leave a dataset that `is_prepared` accepts."""
+  from gta_jax.data import builders
+
+  class Builder:
+    prepared_dir = str(tmp_path / "dataset" / "1.0.0")
+
+    def download_and_prepare(self):
+      os.makedirs(self.prepared_dir)
+      open(os.path.join(self.prepared_dir, pipeline.INFO_FILE), "w").close()
+
+    def write_report(self):
+      pass
+
+  def check_shards(path):
+    assert pipeline.is_prepared(path)
+    raise pipeline.CorruptDataError(f"shard {path}/x holds 1 records: it is truncated.")
+
+  monkeypatch.setattr(builders, "make_builder", lambda *a, **k: Builder())
+  monkeypatch.setattr(preparation, "check_shards", check_shards)
+  with pytest.raises(pipeline.CorruptDataError, match="truncated.* Removed .*1.0.0"):
+    preparation._build(tiny_config(tmp_path).data, num_workers=0)
+  assert not pipeline.is_prepared(Builder.prepared_dir)

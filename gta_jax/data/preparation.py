@@ -9,7 +9,8 @@ A local dataset is prepared under a lock file beside it. One prepared for a buck
 `data_dir` (`gs://...`) is written to a local staging folder first, then copied up
 with `dataset_info.json` last, so that a half-copied dataset is never seen as
 prepared. Each shard is checked to hold the records the dataset lists (a truncated
-shard stops preparation, named), and each copied file to have its size.
+shard stops preparation, named, and the dataset is removed), and each copied file to
+have its size.
 `python -m gta_jax.data.prepare` is the command line.
 """
 
@@ -136,8 +137,7 @@ def check_shards(path: paths.PathLike) -> None:
         problem = f"cannot be opened ({type(e).__name__}: {e})"
       if problem:
         raise pipeline.CorruptDataError(
-            f"shard {shard.filename} {problem}: it is truncated or damaged. Delete "
-            f"{path} and prepare it again.")
+            f"shard {shard.filename} {problem}: it is truncated or damaged.")
 
 
 def _build(data_config, num_workers: int) -> None:
@@ -145,7 +145,13 @@ def _build(data_config, num_workers: int) -> None:
   log.info("Preparing %s into %s", data_config.dataset, builder.prepared_dir)
   builder.download_and_prepare()
   builder.write_report()
-  check_shards(builder.prepared_dir)
+  try:
+    check_shards(builder.prepared_dir)
+  except pipeline.CorruptDataError as e:
+    shutil.rmtree(builder.prepared_dir)  # its dataset_info.json would pass for prepared
+    raise pipeline.CorruptDataError(
+        f"{e} Removed {builder.prepared_dir}: prepare it again (a full or failing "
+        "disk cuts shards short).") from None
 
 
 def _upload_tree(local_dir: str, target: paths.PathLike, last: str) -> None:
