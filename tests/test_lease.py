@@ -12,6 +12,7 @@ import time
 import pytest
 
 import gcs_emulator
+from gta_jax import paths
 from gta_jax.training import lease as lease_lib
 from test_train_e2e import command, environment
 
@@ -173,6 +174,28 @@ def test_a_run_whose_lease_was_taken_over_stops_before_its_next_checkpoint(workd
   assert "held by host elsewhere, process 7" in str(lost.value)
   lease.release()
   assert read_lease(workdir)["host"] == "elsewhere"
+
+
+@pytest.mark.parametrize("content", [b'{"host": "a", "pi', b'{"owner": "me"}', b"[]"])
+def test_a_damaged_lease_file_is_named(workdir, content):
+  target = paths.path(workdir) / lease_lib.LEASE_FILE
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(content)
+  with pytest.raises(lease_lib.LeaseFileError,
+                     match=rf"lease file {workdir}/lease.json is damaged .*delete it"):
+    lease_lib.Lease(workdir).acquire()
+
+
+def test_a_filesystem_without_hard_links_is_named(tmp_path, monkeypatch):
+  def link(*unused_args):
+    raise PermissionError(1, "Operation not permitted")
+
+  monkeypatch.setattr(os, "link", link)
+  workdir = tmp_path / "mounted"
+  with pytest.raises(lease_lib.LeaseFileError,
+                     match=rf"lease file {workdir}/lease.json as a hard link .*gs://"):
+    lease_lib.Lease(workdir).acquire()
+  assert os.listdir(workdir) == []  # no temporary file left
 
 
 @pytest.mark.slow

@@ -45,6 +45,10 @@ class LeaseLostError(WorkdirLeasedError):
   """This run lost its workdir's lease to another run (`Lease.check`)."""
 
 
+class LeaseFileError(WorkdirLeasedError):
+  """The lease file cannot be read (damaged) or created (no hard links)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Holder:
   """Who holds a lease: the contents of the lease file."""
@@ -66,8 +70,18 @@ class Holder:
     return json.dumps(dataclasses.asdict(self)).encode()
 
   @classmethod
-  def decode(cls, data: bytes) -> "Holder":
-    return cls(**json.loads(data))
+  def decode(cls, data: bytes, path: str) -> "Holder":
+    """The holder of the lease file `path`, which holds `data`.
+
+    Raises:
+      LeaseFileError: `data` is not a lease, naming `path`.
+    """
+    try:
+      return cls(**json.loads(data))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, other fields
+      raise LeaseFileError(
+          f"the lease file {path} is damaged ({type(e).__name__}: {e}): check that no "
+          "run uses its workdir, then delete it") from None
 
   def describe(self) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
@@ -105,9 +119,14 @@ class _LocalStore:
       os.fsync(f.fileno())
     try:
       os.link(temporary, self.path)  # fails if the lease exists
-      return Holder.decode(data).token
+      return Holder.decode(data, self.path).token
     except FileExistsError:
       return None
+    except OSError as e:
+      raise LeaseFileError(
+          f"cannot create the lease file {self.path} as a hard link ({e}): its "
+          "filesystem has none (a bucket mounted with gcsfuse?). Give the workdir as "
+          "gs://BUCKET/... instead of the mount, or use a local workdir.") from None
     finally:
       os.remove(temporary)
 
@@ -118,7 +137,7 @@ class _LocalStore:
         data = f.read()
     except FileNotFoundError:
       return None
-    return data, Holder.decode(data).token
+    return data, Holder.decode(data, self.path).token
 
   def replace(self, version: str, data: Optional[bytes]) -> Optional[str]:
     """Replaces the lease by `data` (None: deletes it) if its version is `version`;
@@ -134,7 +153,7 @@ class _LocalStore:
       with open(temporary, "wb") as f:
         f.write(data)
       os.replace(temporary, self.path)
-      return Holder.decode(data).token
+      return Holder.decode(data, self.path).token
 
   @contextlib.contextmanager
   def _locked(self) -> Iterator[None]:
@@ -251,7 +270,7 @@ class Lease:
       current = self._store.read()
       if current is None:
         continue  # released meanwhile
-      holder = Holder.decode(current[0])
+      holder = Holder.decode(current[0], self.path)
       if holder.token == me.token:  # ours: our upload's answer was lost, its retry refused
         self._version = current[1]
         break
@@ -283,10 +302,11 @@ class Lease:
       except Exception as e:  # pylint: disable=broad-except
         log.warning("Could not renew the lease %s (%s); trying again.", self.path, e)
         continue
-      if current is not None and Holder.decode(current[0]).token == beat.token:
+      if current is not None and Holder.decode(current[0], self.path).token == beat.token:
         version = current[1]  # ours: the answer to our upload was lost
       if not version:
-        self._lost_to = Holder.decode(current[0]).describe() if current else "nobody"
+        self._lost_to = (Holder.decode(current[0], self.path).describe() if current
+                         else "nobody")
         log.error("Lost the lease %s (now held by %s): this run is no longer the only "
                   "writer of its workdir.", self.path, self._lost_to)
         self.holder = None
