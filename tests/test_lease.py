@@ -198,6 +198,21 @@ def test_a_filesystem_without_hard_links_is_named(tmp_path, monkeypatch):
   assert os.listdir(workdir) == []  # no temporary file left
 
 
+def test_a_failed_release_does_not_replace_the_runs_error(tmp_path, monkeypatch, caplog):
+  lease = lease_lib.Lease(tmp_path / "run").acquire()
+
+  def replace(*unused_args):
+    raise OSError("disk gone")
+
+  monkeypatch.setattr(lease._store, "replace", replace)  # pylint: disable=protected-access
+  with pytest.raises(ZeroDivisionError), caplog.at_level(logging.WARNING):
+    try:
+      1 / 0  # the run's error
+    finally:
+      lease.release()
+  assert f"Could not delete the lease {lease.path} (OSError: disk gone)" in caplog.text
+
+
 @pytest.mark.slow
 def test_train_py_is_refused_at_once_and_starts_over_a_killed_holder(tmp_path):
   """A second train.py on a live workdir stops within seconds naming the holder; once

@@ -330,10 +330,20 @@ class Lease:
           "that was a pause, and use one workdir per run.")
 
   def release(self) -> None:
-    """Stops the heartbeats and deletes the lease (if this run still holds it)."""
+    """Stops the heartbeats and deletes the lease (if this run still holds it).
+
+    Never raises (it runs after training, in `finally`: the run's own error must
+    not be replaced): a lease it cannot delete is logged, and the next run takes it
+    over once its holder is seen dead.
+    """
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
     if self.holder is not None:
-      self._store.replace(self._version, None)
+      try:
+        self._store.replace(self._version, None)
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("Could not delete the lease %s (%s: %s); the next run on the "
+                    "workdir takes it over once it sees this one dead.", self.path,
+                    type(e).__name__, e)
       self.holder = None
