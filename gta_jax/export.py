@@ -22,7 +22,8 @@ that fails is named and left out; `cpu` must work). Reading it needs only `jax` 
 `--format=onnx` converts the function with jax2onnx (input `clips`, output `logits`,
 batch dimension `B`; traced with the kernels of :func:`onnx_traceable`), then runs the
 file with onnxruntime on random clips and prints its largest difference from
-`model.apply`. It needs the `onnx` extra and
+`model.apply` (above :data:`ONNX_RTOL` of the largest |logit| plus :data:`ONNX_ATOL`,
+it raises :class:`OnnxMismatchError` and writes nothing). It needs the `onnx` extra and
 jax2onnx installed without its requirements (:data:`ONNX_INSTALL`): jax2onnx 0.17.1
 declares `orbax-checkpoint<0.11.37`, which this project's orbax-checkpoint>=0.12.8
 rules out, but it never imports orbax. docs/features.md ("ONNX") has a recipe that
@@ -47,6 +48,9 @@ JAX2ONNX = "jax2onnx==0.17.1"  # the version tested (tests/test_onnx.py)
 ONNX_INSTALL = f"pip install 'gta_jax[onnx]' && pip install --no-deps {JAX2ONNX}"
 # jax2onnx writes ReduceMean with its axes as an input, which opset 18 introduced.
 MIN_ONNX_OPSET = 18
+# The largest difference from model.apply's logits an ONNX file may have, relative to
+# the largest |logit|, plus an absolute floor.
+ONNX_RTOL, ONNX_ATOL = 1e-3, 1e-5
 
 
 def portable(config):
@@ -213,9 +217,37 @@ def export_onnx(config, variables, opset: int = MIN_ONNX_OPSET) -> bytes:
   return model.SerializeToString()
 
 
-def onnx_difference(data: bytes, config, variables, batch: int = 2) -> float:
-  """Largest absolute difference between onnxruntime's logits from the ONNX `data` and
-  `model.apply`'s (the config's own kernels), on `batch` normal random clips."""
+class OnnxMismatchError(RuntimeError):
+  """onnxruntime's logits from the exported file differ from `model.apply`'s."""
+
+
+def check_logits(got, want) -> float:
+  """The largest absolute difference between onnxruntime's logits `got` and
+  `model.apply`'s `want`.
+
+  Raises:
+    OnnxMismatchError: it is above :data:`ONNX_RTOL` of the largest |logit| plus
+      :data:`ONNX_ATOL` (float32 rounding, accumulated over the network, stays far
+      below).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  if got.shape != want.shape:
+    raise OnnxMismatchError(f"onnxruntime gives logits of shape {got.shape}, model.apply "
+                            f"{want.shape}")
+  difference = float(np.abs(got - want).max())
+  tolerance = ONNX_RTOL * float(np.abs(want).max()) + ONNX_ATOL
+  if not difference <= tolerance:  # NaN too
+    raise OnnxMismatchError(
+        f"onnxruntime's logits differ from model.apply's by up to {difference:.2e} "
+        f"(tolerance {tolerance:.2e}: {ONNX_RTOL:g} x max |logit| + {ONNX_ATOL:g}); the "
+        f"conversion is wrong ({JAX2ONNX} is the version tested), nothing was written")
+  return difference
+
+
+def onnx_logits(data: bytes, config, variables, batch: int = 2):
+  """onnxruntime's logits from the ONNX `data` and `model.apply`'s (the config's own
+  kernels), on `batch` normal random clips: `(got, want)`."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from gta_jax.models import registry  # pylint: disable=g-import-not-at-top
@@ -227,7 +259,17 @@ def onnx_difference(data: bytes, config, variables, batch: int = 2) -> float:
   (got,) = session.run(["logits"], {"clips": clips})
   model = registry.build_model(config)
   want = np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(clips))
-  return float(np.abs(got - want).max())
+  return got, want
+
+
+def onnx_difference(data: bytes, config, variables, batch: int = 2) -> float:
+  """Largest absolute difference between onnxruntime's logits from the ONNX `data` and
+  `model.apply`'s, on `batch` normal random clips, checked (:func:`check_logits`).
+
+  Raises:
+    OnnxMismatchError: the difference is above the tolerance.
+  """
+  return check_logits(*onnx_logits(data, config, variables, batch))
 
 
 def run(config, workdir: str, out: str, platforms: Sequence[str] = PLATFORMS,
@@ -247,7 +289,7 @@ def run(config, workdir: str, out: str, platforms: Sequence[str] = PLATFORMS,
   _, *clip = state_lib.input_shape(config)
   if export_format == "onnx":
     data = export_onnx(config, variables, onnx_opset)
-    difference = onnx_difference(data, config, variables)
+    difference = onnx_difference(data, config, variables)  # raises before writing
     what = (f"ONNX opset {onnx_opset}, input clips float32 (B, {', '.join(map(str, clip))}), "
             f"output logits (B, {config.model.num_classes}); onnxruntime against "
             f"model.apply on 2 random clips: max |difference| {difference:.1e}")
@@ -275,7 +317,7 @@ def main(argv):
   step = cli.checkpoint_step()
   try:
     run(f.config, f.workdir, f.out, f.platforms, step, f.format, f.onnx_opset)
-  except (*cli.USER_ERRORS, ImportError) as e:
+  except (*cli.USER_ERRORS, ImportError, OnnxMismatchError) as e:
     return cli.report_error(e)
   return 0
 

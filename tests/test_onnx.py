@@ -179,3 +179,38 @@ def test_onnx_errors(tmp_path):
     with pytest.raises(ImportError, match=r"pip install --no-deps jax2onnx==\S+ "):
       export.run(config, str(tmp_path), str(tmp_path / "m.onnx"), export_format="onnx")
   assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_logits_are_checked_against_the_spread_of_model_apply():
+  """Rounding-sized differences pass; one logit off by 1% of the largest fails."""
+  want = np.random.default_rng(0).normal(scale=20.0, size=(2, 10))
+  assert export.check_logits(want * (1 + 1e-6), want) <= 1e-4 * np.abs(want).max()
+  largest = np.abs(want).max()
+  wrong = want.copy()
+  wrong[1, 3] += 0.01 * largest
+  with pytest.raises(export.OnnxMismatchError,
+                     match=rf"by up to {0.01 * largest:.2e} \(tolerance "
+                           rf"{1e-3 * largest + 1e-5:.2e}: "):
+    export.check_logits(wrong, want)
+  nan = want.copy()
+  nan[0, 0] = np.nan
+  with pytest.raises(export.OnnxMismatchError):
+    export.check_logits(nan, want)
+
+
+def test_a_mismatching_onnx_file_is_not_written(tmp_path, monkeypatch):
+  """`run` checks the file's logits before it writes it (the conversion and the
+  checkpoint stand-ins here: no ONNX environment needed)."""
+  config = synthetic_tsn.get_config()
+  want = np.random.default_rng(0).normal(size=(2, config.model.num_classes))
+  monkeypatch.setattr(export, "_import_onnx_tools", lambda: (None, None))
+  monkeypatch.setattr(checkpoint, "restore_variables", lambda *unused: ({}, 7))
+  monkeypatch.setattr(export, "export_onnx", lambda *unused: b"onnx bytes")
+  monkeypatch.setattr(export, "onnx_logits", lambda *unused: (want + 1, want))
+  out = tmp_path / "m.onnx"
+  with pytest.raises(export.OnnxMismatchError, match="nothing was written"):
+    export.run(config, str(tmp_path), str(out), export_format="onnx")
+  assert not out.exists()
+  monkeypatch.setattr(export, "onnx_logits", lambda *unused: (want, want))
+  export.run(config, str(tmp_path), str(out), export_format="onnx")
+  assert out.read_bytes() == b"onnx bytes"
