@@ -15,6 +15,7 @@ test_train_e2e.py (locally and in the bucket).
 
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -122,6 +123,45 @@ def test_kill_during_a_local_save_resumes_from_the_newest_complete(tmp_path):
 
 def test_kill_during_a_bucket_save_resumes_from_the_newest_complete(bucket):
   run_trials("gs://bucket/kill_during_save", os.environ)
+
+
+@pytest.fixture
+def kill_hook(monkeypatch):
+  """Installs the hook afresh from `kill_hook(value)`; the listeners it registers and
+  the kills it sends, recorded instead."""
+  listeners, kills = [], []
+  monkeypatch.setattr(jax.monitoring, "register_event_listener", listeners.append)
+  monkeypatch.setattr(jax.monitoring, "register_event_duration_secs_listener",
+                      listeners.append)
+  monkeypatch.setattr(checkpoint.os, "kill", lambda pid, sig: kills.append(sig))
+
+  def install(value):
+    monkeypatch.setattr(checkpoint._install_kill_hook, "done", False, raising=False)  # pylint: disable=protected-access
+    monkeypatch.setenv(checkpoint.KILL_HOOK, value)
+    checkpoint._install_kill_hook()  # pylint: disable=protected-access
+    return listeners, kills
+
+  return install
+
+
+@pytest.mark.parametrize("value", ["abc", "/jax/orbax/write/success@0",
+                                   "/jax/orbax/write/success@two", "@3"])
+def test_a_bad_kill_hook_is_an_error_naming_the_variable(kill_hook, value):
+  with pytest.raises(ValueError, match=f"{checkpoint.KILL_HOOK}='{value}': expected"):
+    kill_hook(value)
+
+
+def test_the_kill_hook_warns_and_kills_at_its_event_of_its_save(kill_hook, caplog):
+  event = "/jax/orbax/write/success"
+  with caplog.at_level(logging.WARNING):
+    listeners, kills = kill_hook(f"{event}@2")
+  assert f"{checkpoint.KILL_HOOK}={event}@2: this process kills itself" in caplog.text
+  [listener, _] = listeners
+  for save in (1, 2):
+    listener(PHASES[0][0])  # a save begins
+    assert not kills
+    listener(event)
+    assert kills == ([signal.SIGKILL] if save == 2 else [])
 
 
 if __name__ == "__main__":

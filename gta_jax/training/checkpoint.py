@@ -19,7 +19,8 @@ the latest or the best checkpoint of a workdir.
 A test hook kills the process inside a save (tests/test_faults_save.py):
 `GTA_JAX_TEST_KILL_IN_SAVE=<event>@<n>` sends it SIGKILL when orbax reports `<event>`
 (one of its `jax.monitoring` events, e.g. `/jax/orbax/write/background_ts_duration_secs`
-once the arrays are written) during the `<n>`-th save of the process.
+once the arrays are written) during the `<n>`-th save of the process. An armed hook
+logs a warning; a malformed value is an error naming the variable.
 """
 
 import json
@@ -65,16 +66,27 @@ _SAVE_STARTED = "/jax/orbax/write/async/start"  # orbax's first event of each sa
 
 def _install_kill_hook() -> None:
   """Installs the test hook that `GTA_JAX_TEST_KILL_IN_SAVE` asks for (see the module
-  docstring); once per process."""
-  if not os.environ.get(KILL_HOOK) or getattr(_install_kill_hook, "done", False):
+  docstring); once per process.
+
+  Raises:
+    ValueError: the variable is not `<event>@<n>` with n >= 1, naming it.
+  """
+  spec = os.environ.get(KILL_HOOK)
+  if not spec or getattr(_install_kill_hook, "done", False):
     return
+  event, _, save = spec.rpartition("@")
+  if not event or not save.isdigit() or int(save) < 1:
+    raise ValueError(f"{KILL_HOOK}={spec!r}: expected <orbax event>@<save number from "
+                     f"1>, e.g. {_SAVE_STARTED}@3 (a test hook: unset it to train)")
+  save = int(save)
   _install_kill_hook.done = True
-  event, _, save = os.environ[KILL_HOOK].rpartition("@")
+  logging.warning("%s=%s: this process kills itself (SIGKILL) when orbax reports %s "
+                  "during its save number %d (a test hook).", KILL_HOOK, spec, event, save)
   saves = [0]
 
   def listener(name: str, *unused_args, **unused_kwargs) -> None:
     saves[0] += name == _SAVE_STARTED
-    if name == event and saves[0] == int(save):
+    if name == event and saves[0] == save:
       os.kill(os.getpid(), signal.SIGKILL)
 
   jax.monitoring.register_event_listener(listener)
@@ -149,7 +161,8 @@ class Checkpointer:
 
   def check_compatible(self, step: int, abstract_state: state_lib.TrainState,
                        config: ml_collections.ConfigDict) -> None:
-    """Raises a ValueError if checkpoint `step` cannot be restored into this state."""
+    """Raises `IncompatibleCheckpointError` (a ValueError) if checkpoint `step` cannot
+    be restored into this state."""
     metadata = self.manager.item_metadata(step)["state"]
     saved = {k: tuple(v.shape) for k, v in
              traverse_util.flatten_dict(_as_dict(metadata), sep="/").items()}
