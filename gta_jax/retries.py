@@ -20,10 +20,11 @@ mid-body. Three clients talk to one for this project, and each retries on its ow
   shard again, appended to what it has (a bucket answers a suffix longer than the
   object with all of it), and the shard reads as damaged ("Failed to read
   RiegeliPostscript" at its first read). Importing this module makes array_record
-  open a remote shard again when opening or reading it fails, up to
-  :data:`OPEN_ATTEMPTS` times with :data:`POLICY`'s waits, logged and counted
-  (`array_record_open`); a shard that is really damaged still fails, only later. (At import, not in :func:`install`: grain's worker processes import this
-  module through the data pipeline but never open a path themselves.)
+  open a remote shard again when opening or reading it fails, with :data:`POLICY`'s
+  tries and waits, logged and counted (`array_record_open`); a shard that is really
+  damaged still fails, only later. This happens at import, not in :func:`install`:
+  grain's worker processes import this module through the data pipeline and open
+  shards, but need not open a `paths.path` (which runs :func:`install`).
 
 :data:`POLICY` comes from the environment, so that one setting reaches every entry
 point (train, eval, prepare, predict) and its subprocesses:
@@ -69,15 +70,27 @@ class Policy:
 
 
 def _from_environment() -> Policy:
+  """:data:`POLICY` from `GTA_JAX_RETRY_*` (see the module docstring).
+
+  Raises:
+    ValueError: a value that is not a number, naming the variable.
+  """
   default = Policy()
-  read = lambda name, cast, value: cast(os.environ.get(name) or value)
+
+  def read(name, cast, value):
+    text = os.environ.get(name)
+    try:
+      return cast(text) if text else value
+    except ValueError:
+      raise ValueError(f"{name}={text!r} is not {'an integer' if cast is int else 'a number'}"
+                       f" (default {value})") from None
+
   return Policy(attempts=read("GTA_JAX_RETRY_ATTEMPTS", int, default.attempts),
                 initial_s=read("GTA_JAX_RETRY_INITIAL_S", float, default.initial_s),
                 max_s=read("GTA_JAX_RETRY_MAX_S", float, default.max_s))
 
 
 POLICY = _from_environment()
-OPEN_ATTEMPTS = 3  # of an array_record shard in a bucket
 _gcsfs_retries: collections.Counter = collections.Counter()  # by cause
 _open_retries: collections.Counter = collections.Counter()  # array_record's, by cause
 _installed = False
@@ -200,14 +213,15 @@ class _ReopeningReader:
       log.debug("closing the failed reader of %s: %s", self._filename, e)
 
   def _retrying(self, use):
-    for retry in range(OPEN_ATTEMPTS):
+    attempts = POLICY.attempts
+    for retry in range(attempts):
       reader, failed = None, False
       try:
         reader = self._take()
         return use(reader)
       except RuntimeError as e:
         failed = True
-        if retry == OPEN_ATTEMPTS - 1:
+        if retry == attempts - 1:
           raise
         error = e
       finally:
@@ -217,7 +231,7 @@ class _ReopeningReader:
       with _lock:
         _open_retries["array_record_open"] += 1
       log.warning("reading %s failed (%s); opening it again, try %d of %d in %.2f s",
-                  self._filename, str(error)[:200], retry + 2, OPEN_ATTEMPTS, delay)
+                  self._filename, str(error)[:200], retry + 2, attempts, delay)
       time.sleep(delay)
 
 

@@ -113,8 +113,7 @@ def read_shard_repeatedly(source_path: str, records) -> int:
 
 def test_a_small_shard_reads_right_when_connections_drop(bucket, small_shard, policy,
                                                         monkeypatch):
-  policy()
-  monkeypatch.setattr(retries, "OPEN_ATTEMPTS", 8)  # 3 fail at 0.3**3 of the opens
+  policy()  # 8 tries (3 fail at 0.3**3 of the opens)
   before = retries.counts().get("array_record_open", 0)
   with bucket.faulty(drop_rate=0.3, seed=3) as faults:
     assert read_shard_repeatedly(*small_shard) == 0
@@ -167,3 +166,24 @@ def test_a_reader_failing_in_two_threads_is_replaced_once_and_closed(monkeypatch
   assert [r.closed for r in opened] == [True, False]  # one reopening; the failed one closed
   reader.close()
   assert opened[1].closed
+
+
+def test_a_shard_is_opened_as_often_as_the_policy_tries(monkeypatch):
+  monkeypatch.setattr(retries, "POLICY", retries.Policy(attempts=5, initial_s=0, max_s=0))
+  opened = []
+
+  def open_reader():
+    opened.append(1)
+    raise RuntimeError("Failed to read RiegeliPostscript")
+
+  with pytest.raises(RuntimeError, match="RiegeliPostscript"):
+    retries._ReopeningReader(open_reader, "gs://b/x")  # pylint: disable=protected-access
+  assert len(opened) == 5
+
+
+@pytest.mark.parametrize("name,value", [("GTA_JAX_RETRY_ATTEMPTS", "abc"),
+                                        ("GTA_JAX_RETRY_MAX_S", "1 s")])
+def test_a_bad_retry_setting_names_the_variable(monkeypatch, name, value):
+  monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match=f"{name}='{value}' is not"):
+    retries._from_environment()  # pylint: disable=protected-access
