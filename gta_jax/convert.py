@@ -239,14 +239,10 @@ def _flat(config: ml_collections.ConfigDict) -> Dict[str, object]:
 def write_run(workdir: str, variables: Dict, config: ml_collections.ConfigDict,
               config_text: str, provenance: Dict[str, object]) -> None:
   """Writes `workdir/checkpoints/0` (a train state at step 0 with `variables`),
-  `workdir/config.py` and `workdir/convert.json`.
-
-  Raises:
-    FileExistsError: the workdir already holds checkpoints.
-  """
+  `workdir/config.py` and `workdir/convert.json`, into a workdir that
+  :func:`check_new_workdir` passed."""
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  check_new_workdir(workdir)
   _, tx, _, _ = state_lib.build(config)
   state = state_lib.create_train_state(variables, tx)
   ckpt = checkpoint.Checkpointer(workdir, keep=1)
@@ -276,10 +272,14 @@ def sha256(path: str) -> str:
 
 def convert(source: str, checkpoint_path: str, config: ml_collections.ConfigDict,
             config_argument: str, workdir: str) -> List[str]:
-  """Converts `checkpoint_path` into a run in `workdir`; returns the lines to print."""
+  """Converts `checkpoint_path` into a run in `workdir`; returns the lines to print.
+
+  Raises:
+    FileExistsError: the workdir already holds checkpoints (before any conversion).
+  """
   check_new_workdir(workdir)
   variables, plan, renamed = convert_variables(checkpoint_path, source, config)
-  provenance = dict(source=source, checkpoint=os.path.abspath(checkpoint_path),
+  provenance = dict(source=source, checkpoint=os.fspath(paths.path(checkpoint_path)),
                     sha256=sha256(checkpoint_path), config=config_argument,
                     arrays=len(plan.loaded), notes=renamed.notes,
                     not_loaded=[f"{renamed.file_name(n)}: {why}" for n, why in plan.ignored])

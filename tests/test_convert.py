@@ -255,3 +255,33 @@ def test_convert_then_predict_on_the_command_line(tmp_path):
                            capture_output=True, text=True, timeout=300)
   assert refused.returncode == 1
   assert "error: " in refused.stderr and "not in the tsm layout" in refused.stderr
+
+
+@pytest.mark.parametrize("given,recorded", [
+    ("gs://weights/tsm.pth", "gs://weights/tsm.pth"),  # a URL as given
+    ("tsm.pth", "{cwd}/tsm.pth")])  # a local path made absolute
+def test_convert_json_records_the_checkpoint_as_given_and_checks_the_workdir_once(
+    tmp_path, monkeypatch, given, recorded):
+  """The conversion, the train state and its checkpoint are stand-ins: what
+  `convert` records in convert.json, and how often it checks the workdir."""
+  import os  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  checks = []
+  renamed = types.SimpleNamespace(notes=[], state_dict={}, file_name=str)
+  plan = types.SimpleNamespace(loaded=["a"], ignored=[])
+  monkeypatch.setattr(convert, "convert_variables", lambda *unused: ({}, plan, renamed))
+  monkeypatch.setattr(convert, "sha256", lambda unused: "0" * 64)
+  monkeypatch.setattr(convert, "config_file_text", lambda *unused: "")
+  monkeypatch.setattr(convert, "check_new_workdir", checks.append)
+  monkeypatch.setattr(pretrained, "describe_file", lambda unused: "")
+  monkeypatch.setattr(state_lib, "build", lambda unused: (None,) * 4)
+  monkeypatch.setattr(state_lib, "create_train_state", lambda *unused: None)
+  monkeypatch.setattr(checkpoint, "Checkpointer", lambda workdir, keep: types.SimpleNamespace(
+      save=lambda *unused: os.makedirs(os.path.join(workdir, "checkpoints", "0")),
+      wait=lambda: None, close=lambda: None))
+  convert.convert("mmaction2", given, small_config(), "synthetic_tsm", "run")
+  with open(tmp_path / "run" / "convert.json") as f:
+    assert json.load(f)["checkpoint"] == recorded.format(cwd=os.getcwd())
+  assert checks == ["run"]
