@@ -186,6 +186,8 @@ class _ReopeningReader:
       reader.close()
 
   def __getattr__(self, name):  # num_records, writer_options_string, ...
+    if name.startswith("__"):  # protocols (copy, pickle) are not the reader's methods
+      raise AttributeError(name)
     return lambda *args, **kwargs: self._retrying(
         lambda reader: getattr(reader, name)(*args, **kwargs))
 
