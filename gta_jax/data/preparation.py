@@ -61,9 +61,10 @@ def _held_by_dead_process(lock: str) -> bool:
 
 
 def _remove_stale_lock(lock: str) -> bool:
-  """Removes `lock` if its process is dead (whether it did), checking again under a second lock so that
-  two processes that both saw it stale cannot remove a new preparer's lock. The second
-  lock is held a moment: one older than a minute was left by a killed process."""
+  """Removes `lock` if its process is dead; returns whether it did. Checks again under
+  a second lock so that two processes that both saw it stale cannot remove a new
+  preparer's lock; that one is held a moment: one older than a minute was left by a
+  killed process."""
   breaker = lock + ".break"
   if not processes.take_lock_file(breaker, stale_s=60):
     return False  # another process is removing it
