@@ -110,6 +110,10 @@ ROWS = {
                            "SSA, the temporal conv also gives the value (no SVE)"),
     "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
                     "SSA, 1x1x1 temporal conv (blind to order)"),
+    "ssa_temporal_bias": ("synthetic_ssa", ("model.ssa.temporal_bias=True",
+                                            "model.ssa.temporal_bias_init_std=1.0"),
+                          "SSA with a learned T x T bias of M_T's logits (GTA's G, "
+                          "init std 1, lr x20; not in the paper)"),
     # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),

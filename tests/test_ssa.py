@@ -26,13 +26,15 @@ def _softmax(logits, xp):
 def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   temporal_kernel=3, temporal_padding="zeros", scale="none",
                   residual=False, gate_init=0.0, reduction=1, temporal_heads=1,
+                  temporal_bias=False, temporal_bias_init_std=0.02,
                   spatial_chunk=0, save_probs=True, xp=np):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
   `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad` (no
   custom VJP anywhere on that path).
   """
-  del spatial_chunk, save_probs, gate_init  # scheduling and init, not the function
+  # scheduling and init, not the function
+  del spatial_chunk, save_probs, gate_init, temporal_bias_init_std
   if xp is np:
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
@@ -67,7 +69,10 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
   # One T x T matrix per head, from the head's slice of channels.
   heads = lambda a: a.reshape(b, t, h, w, temporal_heads, d // temporal_heads)
   s_t = 1.0 if scale == "none" else (h * w * d // temporal_heads) ** -0.5
-  m_t = _softmax(xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t, xp)
+  logits_t = xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t
+  if temporal_bias:  # a learned (heads, T, T) matrix, the same for every clip
+    logits_t = logits_t + p["global_logits"][None]
+  m_t = _softmax(logits_t, xp)
   # Eq. 8: the temporal weights mix the (shared) value embedding.
   y = xp.einsum("bnts,bshwnc->bthwnc", m_t, heads(value)).reshape(b, t, h, w, d)
   if reduction > 1:
@@ -90,6 +95,10 @@ SWITCHES = [
     {"temporal_heads": 4},
     {"temporal_heads": 2, "reduction": 2, "shared_value": False, "residual": True},
     {"spatial_chunk": 3, "save_probs": False},  # 8 frames in chunks of 3: padded
+    # std 1: a bias that moves the softmax visibly
+    {"temporal_bias": True, "temporal_bias_init_std": 1.0, "temporal_heads": 4},
+    {"temporal_bias": True, "temporal_bias_init_std": 1.0, "scale": "sqrt_d",
+     "residual": True},
 ]
 switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
 
@@ -136,7 +145,8 @@ GRADIENT_CASES = [
     {"scale": "sqrt_d", "shared_value": False, "temporal_kernel": 5,
      "temporal_padding": "edge", "residual": True, "reduction": 2, "gate_init": 1.0},
     {"scale": "sqrt_d", "channel_branch": False, "temporal_kernel": 1,
-     "residual": True, "temporal_heads": 4},
+     "residual": True, "temporal_heads": 4, "temporal_bias": True,
+     "temporal_bias_init_std": 1.0},
 ]
 
 
@@ -195,6 +205,19 @@ def test_one_by_one_temporal_conv_is_blind_to_frame_order():
     assert (gap > 1e-2) if temporal_conv else (gap < 1e-5), (temporal_conv, gap)
 
 
+def test_temporal_bias_sees_frame_order_without_the_temporal_conv():
+  """With a 1x1x1 conv the module is blind to frame order (above); the learned
+  T x T bias alone, a function of frame positions, makes it see order."""
+  x = jax.random.normal(jax.random.key(0), SHAPE)
+  module = ssa.SeparableSelfAttention(temporal_kernel=1, temporal_bias=True,
+                                      temporal_bias_init_std=1.0)
+  variables = jax.jit(module.init)(jax.random.key(1), x)
+  assert variables["params"]["global_logits"].shape == (1, SHAPE[1], SHAPE[1])
+  apply = jax.jit(module.apply)
+  gap = float(jnp.max(jnp.abs(apply(variables, x[:, ::-1])[:, ::-1] - apply(variables, x))))
+  assert gap > 1e-2, gap
+
+
 def test_bad_config_names_the_key():
   config = config_lib.synthetic_config("ssa")
   config.model.ssa.scale = "sqrt"
@@ -214,7 +237,8 @@ def test_bad_config_names_the_key():
     build_model(config)
   config.model.ssa.spatial_chunk = 0
   for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap"),
-                   ("temporal_heads", 0)):
+                   ("temporal_heads", 0),
+                   ("temporal_bias_init_std", -1.0)):
     good = config.model.ssa[key]
     config.model.ssa[key] = bad
     with pytest.raises(ValueError, match=f"config.model.ssa.{key}"):

@@ -35,7 +35,7 @@ with it is blind to frame order like TSN itself; the 3x1x1 conv is what sees ord
 """
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -44,6 +44,7 @@ import ml_collections
 
 from gta_jax.models import attention
 from gta_jax.models import backend
+from gta_jax.models import gta
 from gta_jax.models import hooks
 
 SCALES = ("none", "sqrt_d")
@@ -97,9 +98,21 @@ def map_in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
 
 
 def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                       scale: str, save_probs: bool) -> jax.Array:
-  """Eqs. 7-8 on `(B, T, H*W*C)` clips: `softmax(q k^T) v` over frames."""
-  return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
+                       scale: str, save_probs: bool,
+                       bias: Optional[jax.Array] = None) -> jax.Array:
+  """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(q k^T [+ bias]) v`.
+
+  `bias`, `(N, T, T)`, is added to each head's logits. The T x T softmax is small,
+  so with a bias it is written out in float32 here rather than in `attend`.
+  """
+  if bias is None:
+    return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
+  n, t, d = q.shape
+  factor = 1.0 if scale == "none" else d ** -0.5
+  logits = factor * jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
+  logits = (logits.reshape(-1, *bias.shape) + bias).reshape(n, t, t)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bqk,bkd->bqd", weights, v)
 
 
 class SeparableSelfAttention(nn.Module):
@@ -124,6 +137,11 @@ class SeparableSelfAttention(nn.Module):
     temporal_heads: the temporal step's heads (1 in the paper): head `n` forms
       its own `M_T` from its slice of `C // reduction // temporal_heads` channels
       and mixes only that slice of the value; must divide `C // reduction`.
+    temporal_bias: add a learned `(temporal_heads, T, T)` matrix to the logits
+      of `M_T` (not in the paper): GTA's global attention matrix `G`, a parameter
+      of the same name, so that a head can attend by frame offset, which the
+      content logits `q_hat k_hat^T` cannot choose (docs/ssa.md).
+    temporal_bias_init_std: the normal init's std of that matrix.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -143,6 +161,8 @@ class SeparableSelfAttention(nn.Module):
   gate_init: float = 0.0
   reduction: int = 1
   temporal_heads: int = 1
+  temporal_bias: bool = False
+  temporal_bias_init_std: float = 0.02
   spatial_chunk: int = 0
   save_probs: bool = True
   dtype: Any = jnp.float32
@@ -165,8 +185,13 @@ class SeparableSelfAttention(nn.Module):
     spatial = functools.partial(spatial_attention,
                                 channel_branch=self.channel_branch, scale=self.scale,
                                 save_probs=self.save_probs)
+    bias = None
+    if self.temporal_bias:
+      bias = self.param(gta.GLOBAL_LOGITS,
+                        gta.global_init(self.temporal_bias_init_std, "random", "softmax"),
+                        (heads, t, t), jnp.float32)
     temporal = functools.partial(temporal_attention, scale=self.scale,
-                                 save_probs=self.save_probs)
+                                 save_probs=self.save_probs, bias=bias)
 
     frames = lambda a: a.reshape(b * t, h * w, a.shape[-1])
     x_hat = map_in_chunks(spatial, self.spatial_chunk, frames(q), frames(k), frames(v))
@@ -207,8 +232,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
       temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
-      gate_init=0.0, reduction=1, temporal_heads=1,
-      **FAST_MEMORY_MODE))
+      gate_init=0.0, reduction=1, temporal_heads=1, temporal_bias=False,
+      temporal_bias_init_std=0.02, **FAST_MEMORY_MODE))
 
 
 def build(cfg: ml_collections.ConfigDict, dtype: Any):
@@ -235,7 +260,13 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
     raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
                      f"got {cfg.spatial_chunk!r}")
-  for key in ("channel_branch", "shared_value", "residual", "save_probs"):
+  if (isinstance(cfg.temporal_bias_init_std, bool)
+      or not isinstance(cfg.temporal_bias_init_std, (int, float))
+      or cfg.temporal_bias_init_std < 0):
+    raise ValueError(f"config.model.ssa.temporal_bias_init_std must be a number >= 0, "
+                     f"got {cfg.temporal_bias_init_std!r}")
+  for key in ("channel_branch", "shared_value", "residual", "temporal_bias",
+              "save_probs"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.ssa.{key} must be True or False, "
                        f"got {cfg[key]!r}")
@@ -249,7 +280,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       shared_value=cfg.shared_value, temporal_kernel=cfg.temporal_kernel,
       temporal_padding=cfg.temporal_padding, scale=cfg.scale,
       residual=cfg.residual, gate_init=float(cfg.gate_init), reduction=cfg.reduction,
-      temporal_heads=cfg.temporal_heads, spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
+      temporal_heads=cfg.temporal_heads, temporal_bias=cfg.temporal_bias,
+      temporal_bias_init_std=float(cfg.temporal_bias_init_std),
+      spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
 
 
 SSA_SPEC = hooks.TemporalModuleSpec(

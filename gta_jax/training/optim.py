@@ -16,7 +16,8 @@ applies to `kernel` parameters (convolutions and dense layers): BatchNorm scales
 and biases, biases and the temporal modules' attention logits are not decayed.
 Gradients are clipped by global norm first (`optim.grad_clip_norm`, 0 disables), the
 classifier (`head/fc`) learns `optim.fc_lr_mult` times faster, GTA's global
-attention logits `G` `optim.global_logits_lr_mult` times faster and the rest of the
+attention logits `G` (and SSA's temporal bias, the same parameter name)
+`optim.global_logits_lr_mult` times faster and the rest of the
 ResNet (neither the classifier nor a temporal module) at `optim.backbone_lr_mult`
 times the rate. Parameters whose path (`res2_block0/conv1/conv/kernel`) the regex
 `optim.freeze` finds stay fixed: their gradients are zeroed before clipping and
@@ -105,8 +106,9 @@ def learning_rate_multipliers(params: Any, fc_lr_mult: float,
                               global_logits_lr_mult: float = 1.0,
                               backbone_lr_mult: float = 1.0, freeze: str = "") -> Any:
   """Per-parameter multipliers of the update: `fc_lr_mult` for the classifier,
-  `global_logits_lr_mult` for GTA's `G`s, 1 elsewhere in temporal modules,
-  `backbone_lr_mult` for the rest, and 0 for what the regex `freeze` finds."""
+  `global_logits_lr_mult` for GTA's `G`s and SSA's temporal bias (parameters named
+  `gta.GLOBAL_LOGITS`), 1 elsewhere in temporal modules, `backbone_lr_mult` for
+  the rest, and 0 for what the regex `freeze` finds."""
   frozen = re.compile(freeze) if freeze else None
 
   def multiplier(path):
