@@ -142,6 +142,10 @@ ROWS.update(_earlier_recipe(
 ROWS["r34_nl3d"] = ("synthetic_nl", ("model.nl.kind=3d",
                                      "model.nl.placement=res3:0;res4:0"),
                     "joint space-time (3D) Non-local after res3 and res4")
+# Rows of recipes that are no longer the default: kept in the table, never asked for
+# a second seed.
+EARLIER_RECIPE_ROWS = ("ssa1_separate_value",) + tuple(
+    r for r in ROWS if r.startswith(("xc_", "r34_")))
 
 # What the project aims to show on the second task: GTA alone beats TSM where the
 # dependency is long, i.e. on the long-range order pairs.
@@ -328,16 +332,19 @@ def _table(runs: Dict[str, List[Dict]], rows: Sequence[str],
 
 
 def not_run(runs: Dict[str, List[Dict]], seeds: Sequence[int] = (0, 1)) -> List[str]:
-  """A line per row of :data:`TABLE_ROWS` (on every task) that lacks one of `seeds`,
-  with the command that runs what is missing."""
+  """A line per row that lacks one of `seeds`, with the command that runs what is
+  missing: every row of :data:`TABLE_ROWS` on every task, then the other rows of
+  today's recipes that have a run (the single switches' second seeds)."""
+  table = [prefix + r for _, prefix, _ in TASKS for r in TABLE_ROWS]
+  others = [r for r in ROWS if r in runs and r not in table
+            and r not in EARLIER_RECIPE_ROWS]
   lines = []
-  for _, prefix, _ in TASKS:
-    for row in (prefix + r for r in TABLE_ROWS):
-      missing = [s for s in seeds if s not in {r["seed"] for r in runs.get(row, ())}]
-      if missing:
-        which = ",".join(map(str, missing))
-        lines.append(f"- `{row}`, seed{'s' * (len(missing) > 1)} {which}: "
-                     f"`python benchmarks/ablations.py --rows={row} --seeds={which}`")
+  for row in table + others:
+    missing = [s for s in seeds if s not in {r["seed"] for r in runs.get(row, ())}]
+    if missing:
+      which = ",".join(map(str, missing))
+      lines.append(f"- `{row}`, seed{'s' * (len(missing) > 1)} {which}: "
+                   f"`python benchmarks/ablations.py --rows={row} --seeds={which}`")
   return lines
 
 
@@ -387,7 +394,8 @@ def render(runs: Dict[str, List[Dict]], design: str = "") -> str:
   missing = not_run(runs)
   if missing:
     lines += ["## Not yet run", "",
-              "Rows the table should have, two seeds each, that have no current run:",
+              "Runs the table should have, two seeds a row, that it has not: the "
+              "rows each task needs, then the second seeds of the other current rows:",
               ""] + missing + [""]
   lines += ["## Commands", "",
             "Each run's exact commands (the repository root as working directory):", ""]

@@ -192,6 +192,12 @@ def test_the_page_keeps_its_design_and_lists_what_is_not_run():
   assert ("- `long_gta`, seed 1: `python benchmarks/ablations.py --rows=long_gta "
           "--seeds=1`") in page
   assert "- `long_tsn`, seeds 0,1:" in page and "- `gta`, seeds 0,1:" in page
+  # A single switch with one seed is asked for its second; an earlier recipe's row
+  # is not, nor is a row without any run.
+  runs = {row: [_run(row, 0, 0.9)] for row in ("gta_gate0", "xc_gta_pixel")}
+  page = ablations.render(runs, design)
+  assert "- `gta_gate0`, seed 1: `python benchmarks/ablations.py --rows=gta_gate0" in page
+  assert "`xc_gta_pixel`, seed" not in page and "`gta_softmax`, seed" not in page
 
 
 def test_a_numerics_only_key_does_not_retire_a_run():
