@@ -1,6 +1,8 @@
 """The workdir lease (gta_jax/training/lease.py), locally and in a bucket (the GCS
 emulator, which answers `ifGenerationMatch` as GCS does), and train.py's use of it."""
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -59,8 +61,9 @@ def write_lease(workdir, **fields):
 
 
 def read_lease(workdir):
+  """The holder of the lease of `workdir` (None if there is no lease)."""
   current = lease_lib.Lease(workdir)._store.read()  # pylint: disable=protected-access
-  return None if current is None else json.loads(current[0])
+  return None if current is None else current[0]
 
 
 def test_a_live_holder_refuses_a_second_run_until_released(workdir):
@@ -78,7 +81,7 @@ def test_a_live_holder_refuses_a_second_run_until_released(workdir):
 
 def test_a_killed_holder_is_taken_over_with_a_warning(workdir, caplog):
   holder = hold(workdir)
-  assert read_lease(workdir)["pid"] == holder.pid
+  assert read_lease(workdir).pid == holder.pid
   with pytest.raises(lease_lib.WorkdirLeasedError):
     lease_lib.Lease(workdir).acquire()
   holder.kill()
@@ -86,7 +89,7 @@ def test_a_killed_holder_is_taken_over_with_a_warning(workdir, caplog):
   with caplog.at_level(logging.WARNING):
     lease = lease_lib.Lease(workdir).acquire()
   assert f"process {holder.pid}" in caplog.text and "is gone" in caplog.text
-  assert read_lease(workdir)["pid"] == os.getpid()
+  assert read_lease(workdir).pid == os.getpid()
   lease.release()
 
 
@@ -99,7 +102,7 @@ def test_a_holder_on_another_host_is_dead_when_its_heartbeat_is_old(workdir, age
       lease_lib.Lease(workdir, timeout_s=300).acquire()
     return
   lease = lease_lib.Lease(workdir, timeout_s=300).acquire()
-  assert read_lease(workdir)["host"] != "elsewhere"
+  assert read_lease(workdir).host != "elsewhere"
   lease.release()
 
 
@@ -121,7 +124,7 @@ def test_a_holder_is_judged_by_the_longer_of_the_two_timeouts(workdir, holder_ti
       lease_lib.Lease(workdir, timeout_s=300).acquire()
     return
   lease = lease_lib.Lease(workdir, timeout_s=300).acquire()
-  assert read_lease(workdir)["timeout_s"] == 300
+  assert read_lease(workdir).timeout_s == 300
   lease.release()
 
 
@@ -141,15 +144,15 @@ def test_of_runs_racing_for_a_stale_lease_exactly_one_wins(workdir):
   for t in threads:
     t.join()
   assert (len(won), len(refused)) == (1, 5)
-  assert read_lease(workdir)["token"] == won[0].holder.token
+  assert read_lease(workdir).token == won[0].holder.token
   won[0].release()
 
 
 def test_the_holder_renews_its_heartbeat(workdir):
   lease = lease_lib.Lease(workdir, timeout_s=0.5).acquire()
-  started = read_lease(workdir)["heartbeat"]
+  started = read_lease(workdir).heartbeat
   time.sleep(0.5)
-  assert read_lease(workdir)["heartbeat"] > started
+  assert read_lease(workdir).heartbeat > started
   # A contender with the same timeout sees a live holder.
   with pytest.raises(lease_lib.WorkdirLeasedError):
     lease_lib.Lease(workdir, timeout_s=0.5).acquire()
@@ -164,8 +167,8 @@ def test_a_run_whose_lease_was_taken_over_stops_before_its_next_checkpoint(workd
   lease = lease_lib.Lease(workdir, timeout_s=0.5).acquire()
   loop.check_lease(lease)  # held: nothing to say
   store = lease_lib.Lease(workdir)._store  # pylint: disable=protected-access
-  data, version = store.read()
-  other = lease_lib.Holder(**dict(json.loads(data), host="elsewhere", pid=7, token="x"))
+  holder, version = store.read()
+  other = dataclasses.replace(holder, host="elsewhere", pid=7, token="x")
   assert store.replace(version, other.encode())
   assert lease.lost.wait(5)
   with pytest.raises(lease_lib.LeaseLostError) as lost:
@@ -173,7 +176,7 @@ def test_a_run_whose_lease_was_taken_over_stops_before_its_next_checkpoint(workd
   assert f"workdir {workdir}: " in str(lost.value)
   assert "held by host elsewhere, process 7" in str(lost.value)
   lease.release()
-  assert read_lease(workdir)["host"] == "elsewhere"
+  assert read_lease(workdir).host == "elsewhere"
 
 
 @pytest.mark.parametrize("content", [b'{"host": "a", "pi', b'{"owner": "me"}', b"[]"])
@@ -184,6 +187,59 @@ def test_a_damaged_lease_file_is_named(workdir, content):
   with pytest.raises(lease_lib.LeaseFileError,
                      match=rf"lease file {workdir}/lease.json is damaged .*delete it"):
     lease_lib.Lease(workdir).acquire()
+
+
+@pytest.mark.parametrize("content", [b'{"host": "a", "pi', b'{"owner": "me"}'])
+def test_a_run_whose_lease_file_is_damaged_stops_before_its_next_checkpoint(
+    workdir, content, caplog):
+  """Nothing tells it any more whether another run writes to its workdir: it says so
+  once, names the file, and leaves the file alone (it is not its lease)."""
+  caplog.set_level(logging.WARNING)
+  lease = lease_lib.Lease(workdir, timeout_s=0.5).acquire()
+  target = paths.path(workdir) / lease_lib.LEASE_FILE
+  store = lease._store  # pylint: disable=protected-access
+  # Locally under the store's lock, so that no heartbeat is between its check and
+  # its write; a bucket's heartbeat is conditional on the object's generation.
+  with (contextlib.nullcontext() if workdir.startswith("gs://")
+        else store._locked()):  # pylint: disable=protected-access
+    target.write_bytes(content)
+  assert lease.lost.wait(5)
+  with pytest.raises(lease_lib.LeaseLostError,
+                     match=rf"workdir {workdir}: the lease file {workdir}/lease.json is "
+                     r"damaged \(\w+Error: .*This run stops before its next checkpoint"):
+    lease.check()
+  lease.release()
+  assert target.read_bytes() == content
+  assert [r.levelno for r in caplog.records if r.name == lease_lib.__name__] == [
+      logging.ERROR]
+
+
+def test_a_heartbeat_that_cannot_be_written_is_tried_again(workdir, monkeypatch,
+                                                           caplog):
+  caplog.set_level(logging.WARNING)
+  lease = lease_lib.Lease(workdir, timeout_s=0.5).acquire()
+  store = lease._store  # pylint: disable=protected-access
+  replace, failed = store.replace, threading.Event()
+
+  def unreachable_once(version, data):
+    if not failed.is_set():
+      failed.set()
+      raise OSError("bucket not reachable")
+    return replace(version, data)
+
+  monkeypatch.setattr(store, "replace", unreachable_once)
+  assert failed.wait(5)
+  beaten = read_lease(workdir).heartbeat
+  deadline = time.time() + 5
+  while read_lease(workdir).heartbeat == beaten:
+    assert time.time() < deadline, "no heartbeat after the failed one"
+    time.sleep(0.05)
+  lease.check()
+  assert not lease.lost.is_set()
+  assert (f"Could not renew the lease {lease.path} (bucket not reachable); trying "
+          "again.") in caplog.text
+  lease.release()
+  assert read_lease(workdir) is None
 
 
 def test_a_filesystem_without_hard_links_is_named(tmp_path, monkeypatch):

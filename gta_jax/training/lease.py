@@ -7,8 +7,9 @@ stops at once with :class:`WorkdirLeasedError`, naming the holder (host, process
 start time). A lease is taken over, with a warning, when its holder is dead (on this
 host: its process is gone) or its heartbeat is older than the longer of the two runs'
 `timeout_s` (a holder on another host, or a hung one; the lease records its
-holder's). A run whose lease was taken over stops before its next checkpoint
-(:meth:`Lease.check`). Readers (`eval.py`, predict, features) take no lease.
+holder's). A run whose lease was taken over, or whose lease file was damaged, stops
+before its next checkpoint (:meth:`Lease.check`). Readers (`eval.py`, predict,
+features) take no lease.
 
 The file is only ever created with a create-only write, never by a read-then-write:
 locally a hard link of a complete temporary file (fails if the lease exists); on a
@@ -130,14 +131,19 @@ class _LocalStore:
     finally:
       os.remove(temporary)
 
-  def read(self) -> Optional[Tuple[bytes, str]]:
-    """The lease's contents and version; None if there is no lease."""
+  def read(self) -> Optional[Tuple[Holder, str]]:
+    """The lease's holder and version; None if there is no lease.
+
+    Raises:
+      LeaseFileError: the lease file is damaged.
+    """
     try:
       with open(self.path, "rb") as f:
         data = f.read()
     except FileNotFoundError:
       return None
-    return data, Holder.decode(data, self.path).token
+    holder = Holder.decode(data, self.path)
+    return holder, holder.token
 
   def replace(self, version: str, data: Optional[bytes]) -> Optional[str]:
     """Replaces the lease by `data` (None: deletes it) if its version is `version`;
@@ -200,14 +206,18 @@ class _BucketStore:
     """Uploads `data` if there is no lease; its generation, or None."""
     return self._upload(data, "0")
 
-  def read(self) -> Optional[Tuple[bytes, str]]:
-    """The lease's contents and generation; None if there is no lease."""
+  def read(self) -> Optional[Tuple[Holder, str]]:
+    """The lease's holder and generation; None if there is no lease.
+
+    Raises:
+      LeaseFileError: the lease object is damaged.
+    """
     while True:
       try:
         generation = self._generation()
         data = self.fs.cat_file(self.url)
         if self._generation() == generation:  # not rewritten while read
-          return data, generation
+          return Holder.decode(data, self.url), generation
       except FileNotFoundError:
         return None
 
@@ -253,8 +263,8 @@ class Lease:
     self._version: Optional[str] = None
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
-    self.lost = threading.Event()  # set when another run took the lease over
-    self._lost_to = ""
+    self.lost = threading.Event()  # set when this run lost the lease (`check`)
+    self._lost = ""  # why, for `check`
 
   def acquire(self) -> "Lease":
     """Takes the lease (over a dead holder's, with a warning) and starts heartbeats.
@@ -270,9 +280,9 @@ class Lease:
       current = self._store.read()
       if current is None:
         continue  # released meanwhile
-      holder = Holder.decode(current[0], self.path)
+      holder, version = current
       if holder.token == me.token:  # ours: our upload's answer was lost, its retry refused
-        self._version = current[1]
+        self._version = version
         break
       why = holder.is_dead(self.timeout_s)
       if why is None:
@@ -281,7 +291,7 @@ class Lease:
             "Stop that run, or use another --workdir (a lease whose holder died is "
             f"taken over; one on another host after {holder.patience_s(self.timeout_s):.0f}"
             " s without a heartbeat: the longer of the two runs' config.lease_timeout_s).")
-      self._version = self._store.replace(current[1], me.encode())
+      self._version = self._store.replace(version, me.encode())
       if self._version:
         log.warning("Took over the lease %s from a dead run (%s): %s.", self.path,
                     holder.describe(), why)
@@ -293,41 +303,60 @@ class Lease:
     return self
 
   def _beat(self) -> None:
-    """Rewrites the heartbeat every `timeout_s / 10` s while the lease is held."""
+    """Rewrites the heartbeat every `timeout_s / 10` s while the lease is held.
+
+    A heartbeat that cannot be written (a bucket not reachable) is tried again at
+    the next beat. The lease is lost (`check` raises) once another run or nobody
+    holds it, or once its file is damaged: then nothing tells this run whether
+    another one writes to the workdir.
+    """
     while not self._stop.wait(self.timeout_s / 10):
       beat = dataclasses.replace(self.holder, heartbeat=time.time())
       try:
         version = self._store.replace(self._version, beat.encode())
         current = None if version else self._store.read()
+      except LeaseFileError as e:
+        self._lose(f"{e}. This run stops before its next checkpoint, as it can no "
+                   "longer tell whether another run writes to its workdir.")
+        return
       except Exception as e:  # pylint: disable=broad-except
         log.warning("Could not renew the lease %s (%s); trying again.", self.path, e)
         continue
-      if current is not None and Holder.decode(current[0], self.path).token == beat.token:
+      if current is not None and current[0].token == beat.token:
         version = current[1]  # ours: the answer to our upload was lost
       if not version:
-        self._lost_to = (Holder.decode(current[0], self.path).describe() if current
-                         else "nobody")
-        log.error("Lost the lease %s (now held by %s): this run is no longer the only "
-                  "writer of its workdir.", self.path, self._lost_to)
-        self.holder = None
-        self.lost.set()
+        holder = current[0].describe() if current else "nobody"
+        self._lose(
+            f"{self.path} is now held by {holder}, so it stops before its next "
+            "checkpoint. Its heartbeat had stopped for longer than the lease timeout "
+            "(a hung run, or a bucket it could not reach); raise "
+            "config.lease_timeout_s if that was a pause, and use one workdir per run.")
         return
       self.holder, self._version = beat, version
 
+  def _lose(self, why: str) -> None:
+    """Gives the lease up: logs `why` once, and `check` raises it from now on.
+
+    Args:
+      why: how the lease was lost and what to do, after "this run lost the lease of
+        its workdir WORKDIR: ".
+    """
+    self._lost = (
+        f"this run lost the lease of its workdir {os.path.dirname(self.path)}: {why}")
+    log.error("%s", self._lost)
+    self.holder = None  # release() leaves the lease file alone: it is not ours
+    self.lost.set()
+
   def check(self) -> None:
-    """Raises if another run took the lease over (a training run checks before each
-    checkpoint, so that two runs never write the same checkpoints).
+    """Raises if this run lost the lease: another run took it over, or its file was
+    damaged (a training run checks before each checkpoint, so that two runs never
+    write the same checkpoints).
 
     Raises:
-      LeaseLostError: naming the workdir and the new holder.
+      LeaseLostError: naming the workdir and the new holder or the damaged file.
     """
     if self.lost.is_set():
-      raise LeaseLostError(
-          f"this run lost the lease of its workdir {os.path.dirname(self.path)}: "
-          f"{self.path} is now held by {self._lost_to}, so it stopped before its next "
-          "checkpoint. Its heartbeat had stopped for longer than the lease timeout (a "
-          "hung run, or a bucket it could not reach); raise config.lease_timeout_s if "
-          "that was a pause, and use one workdir per run.")
+      raise LeaseLostError(self._lost)
 
   def release(self) -> None:
     """Stops the heartbeats and deletes the lease (if this run still holds it).
