@@ -27,7 +27,7 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   temporal_kernel=3, temporal_padding="zeros", scale="none",
                   residual=False, gate_init=0.0, reduction=1, temporal_heads=1,
                   temporal_bias=False, temporal_bias_init_std=0.02,
-                  spatial_chunk=0, save_probs=True, xp=np):
+                  temporal_norm="softmax", spatial_chunk=0, save_probs=True, xp=np):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
   `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad` (no
@@ -73,6 +73,8 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
   if temporal_bias:  # a learned (heads, T, T) matrix, the same for every clip
     logits_t = logits_t + p["global_logits"][None]
   m_t = _softmax(logits_t, xp)
+  if temporal_norm == "softmax-identity":  # the blend minus the frame itself
+    m_t = m_t - xp.eye(t)
   # Eq. 8: the temporal weights mix the (shared) value embedding.
   y = xp.einsum("bnts,bshwnc->bthwnc", m_t, heads(value)).reshape(b, t, h, w, d)
   if reduction > 1:
@@ -98,6 +100,9 @@ SWITCHES = [
     # std 1: a bias that moves the softmax visibly
     {"temporal_bias": True, "temporal_bias_init_std": 1.0, "temporal_heads": 4},
     {"temporal_bias": True, "temporal_bias_init_std": 1.0, "scale": "sqrt_d",
+     "residual": True},
+    {"temporal_norm": "softmax-identity"},
+    {"temporal_norm": "softmax-identity", "temporal_heads": 2, "shared_value": False,
      "residual": True},
 ]
 switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
@@ -146,7 +151,7 @@ GRADIENT_CASES = [
      "temporal_padding": "edge", "residual": True, "reduction": 2, "gate_init": 1.0},
     {"scale": "sqrt_d", "channel_branch": False, "temporal_kernel": 1,
      "residual": True, "temporal_heads": 4, "temporal_bias": True,
-     "temporal_bias_init_std": 1.0},
+     "temporal_bias_init_std": 1.0, "temporal_norm": "softmax-identity"},
 ]
 
 
@@ -237,6 +242,7 @@ def test_bad_config_names_the_key():
     build_model(config)
   config.model.ssa.spatial_chunk = 0
   for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap"),
+                   ("temporal_norm", "signed"),
                    ("temporal_heads", 0),
                    ("temporal_bias_init_std", -1.0)):
     good = config.model.ssa[key]

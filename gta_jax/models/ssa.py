@@ -12,6 +12,9 @@ block's own shortcut stays. On `x: (B, T, H, W, C)`:
    each frame is flattened to a vector of H*W*C; `M_T = softmax(q_hat k_hat^T)`
    (T x T per clip).
 4. Shared value embedding (Eq. 8): `y = M_T v`, with the spatial step's `v`.
+   With `temporal_norm='softmax-identity'` (not in the paper) it is
+   `y = (M_T - I) v`: each frame's output is the other frames' blend minus the
+   frame itself, GTA's default normalisation of its global matrix.
 
 Every softmax goes through :func:`gta_jax.models.attention.attend` (f32 logits
 and softmax under bf16). Two memory modes:
@@ -49,6 +52,7 @@ from gta_jax.models import hooks
 
 SCALES = ("none", "sqrt_d")
 PADDINGS = ("zeros", "edge")
+TEMPORAL_NORMS = ("softmax", "softmax-identity")
 # The two memory modes of `config.model.ssa` (module docstring, docs/ssa.md).
 # Fast, the default: every softmax kept for the backward pass, all frames at once.
 FAST_MEMORY_MODE = {"spatial_chunk": 0, "save_probs": True}
@@ -142,6 +146,10 @@ class SeparableSelfAttention(nn.Module):
       of the same name, so that a head can attend by frame offset, which the
       content logits `q_hat k_hat^T` cannot choose (docs/ssa.md).
     temporal_bias_init_std: the normal init's std of that matrix.
+    temporal_norm: `softmax` (the paper: `y = M_T v`, a convex blend of the
+      frames' values) or `softmax-identity` (`y = (M_T - I) v`: the blend minus
+      the frame's own value, a difference between frames, as GTA's default
+      `global_norm`; not in the paper).
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -163,6 +171,7 @@ class SeparableSelfAttention(nn.Module):
   temporal_heads: int = 1
   temporal_bias: bool = False
   temporal_bias_init_std: float = 0.02
+  temporal_norm: str = "softmax"
   spatial_chunk: int = 0
   save_probs: bool = True
   dtype: Any = jnp.float32
@@ -212,6 +221,8 @@ class SeparableSelfAttention(nn.Module):
     clips = lambda a: a.reshape(b, t, h * w, heads, inner // heads).transpose(
         0, 3, 1, 2, 4).reshape(b * heads, t, -1)
     y = temporal(clips(q_hat), clips(k_hat), clips(value))
+    if self.temporal_norm == "softmax-identity":
+      y = y - clips(value)
     y = y.reshape(b, heads, t, h * w, inner // heads).transpose(0, 2, 3, 1, 4)
     y = y.reshape(b, t, h, w, inner)
     if self.residual:
@@ -233,7 +244,7 @@ def default_config() -> ml_collections.ConfigDict:
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
       temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
       gate_init=0.0, reduction=1, temporal_heads=1, temporal_bias=False,
-      temporal_bias_init_std=0.02, **FAST_MEMORY_MODE))
+      temporal_bias_init_std=0.02, temporal_norm="softmax", **FAST_MEMORY_MODE))
 
 
 def build(cfg: ml_collections.ConfigDict, dtype: Any):
@@ -241,6 +252,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if cfg.scale not in SCALES:
     raise ValueError(f"config.model.ssa.scale must be one of {SCALES}, "
                      f"got {cfg.scale!r}")
+  if cfg.temporal_norm not in TEMPORAL_NORMS:
+    raise ValueError(f"config.model.ssa.temporal_norm must be one of {TEMPORAL_NORMS}, "
+                     f"got {cfg.temporal_norm!r}")
   if cfg.temporal_padding not in PADDINGS:
     raise ValueError(f"config.model.ssa.temporal_padding must be one of {PADDINGS}, "
                      f"got {cfg.temporal_padding!r}")
@@ -282,7 +296,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       residual=cfg.residual, gate_init=float(cfg.gate_init), reduction=cfg.reduction,
       temporal_heads=cfg.temporal_heads, temporal_bias=cfg.temporal_bias,
       temporal_bias_init_std=float(cfg.temporal_bias_init_std),
-      spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
+      temporal_norm=cfg.temporal_norm, spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
 
 
 SSA_SPEC = hooks.TemporalModuleSpec(
