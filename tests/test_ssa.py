@@ -223,6 +223,16 @@ def test_temporal_bias_sees_frame_order_without_the_temporal_conv():
   assert gap > 1e-2, gap
 
 
+def test_temporal_bias_refuses_another_clip_length():
+  """The (heads, T, T) bias is built for one T: another is refused by name."""
+  module = ssa.SeparableSelfAttention(temporal_bias=True)
+  variables = module.init(jax.random.key(1), jnp.zeros(SHAPE))
+  longer = (*SHAPE[:1], SHAPE[1] + 2, *SHAPE[2:])
+  with pytest.raises(ValueError, match=r"SeparableSelfAttention layer .*built for "
+                     rf"T={SHAPE[1]} .* got T={SHAPE[1] + 2}"):
+    module.apply(variables, jnp.zeros(longer))
+
+
 def test_bad_config_names_the_key():
   config = config_lib.synthetic_config("ssa")
   config.model.ssa.scale = "sqrt"

@@ -83,6 +83,25 @@ def global_init(std: float, kind: str, global_norm: str) -> nn.initializers.Init
   return init
 
 
+def global_logits_param(module: nn.Module, init: nn.initializers.Initializer,
+                        num_heads: int, num_frames: int) -> jax.Array:
+  """`module`'s `(num_heads, T, T)` parameter named :data:`GLOBAL_LOGITS`.
+
+  A `T x T` matrix is built for one clip length: a clip of another length is
+  refused with a message that names the layer, not with a shape error.
+  """
+  if module.has_variable("params", GLOBAL_LOGITS):
+    built_for = module.get_variable("params", GLOBAL_LOGITS).shape[-1]
+    if built_for != num_frames:
+      raise ValueError(
+          f"{type(module).__name__} layer {'/'.join(module.path)} was built for "
+          f"T={built_for} frames at its stage (its {built_for}x{built_for} matrix "
+          f"over frames), got T={num_frames}: the model only takes clips of the "
+          "length it was built for")
+  return module.param(GLOBAL_LOGITS, init, (num_heads, num_frames, num_frames),
+                      jnp.float32)
+
+
 class HeadProjection(nn.Module):
   """A bias-free projection of `(..., C)` features to `(..., N, C / N)` heads.
 
@@ -140,17 +159,8 @@ class TemporalAttention(nn.Module):
 
   def global_logits(self, num_frames: int) -> jax.Array:
     """`G: (N, T, T)`, checking that the clip has the T it was built for."""
-    if self.has_variable("params", GLOBAL_LOGITS):
-      built_for = self.get_variable("params", GLOBAL_LOGITS).shape[-1]
-      if built_for != num_frames:
-        raise ValueError(
-            f"GTA layer {'/'.join(self.path)} was built for T={built_for} frames at "
-            f"its stage (its global {built_for}x{built_for} attention matrix), got "
-            f"T={num_frames}: a GTA model only takes clips of the length it was "
-            "built for")
     init = global_init(self.global_init_std, self.global_init, self.global_norm)
-    return self.param(GLOBAL_LOGITS, init, (self.num_heads, num_frames, num_frames),
-                      jnp.float32)
+    return global_logits_param(self, init, self.num_heads, num_frames)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:

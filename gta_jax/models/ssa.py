@@ -196,9 +196,9 @@ class SeparableSelfAttention(nn.Module):
                                 save_probs=self.save_probs)
     bias = None
     if self.temporal_bias:
-      bias = self.param(gta.GLOBAL_LOGITS,
-                        gta.global_init(self.temporal_bias_init_std, "random", "softmax"),
-                        (heads, t, t), jnp.float32)
+      bias = gta.global_logits_param(
+          self, gta.global_init(self.temporal_bias_init_std, "random", "softmax"),
+          heads, t)
     temporal = functools.partial(temporal_attention, scale=self.scale,
                                  save_probs=self.save_probs, bias=bias)
 
