@@ -117,6 +117,11 @@ ROWS = {
     "ssa_minus_identity": ("synthetic_ssa", ("model.ssa.temporal_norm=softmax-identity",),
                            "SSA with y = (M_T - I) v: the blend of frames minus the "
                            "frame itself (GTA's default norm; not in the paper)"),
+    "ssa_others_minus_self": ("synthetic_ssa",
+                              ("model.ssa.temporal_norm=others-minus-self",),
+                              "SSA with y = (M_T - I) v, M_T's diagonal masked: the "
+                              "blend of the other frames minus the frame (not in the "
+                              "paper)"),
     # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),

@@ -72,8 +72,10 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
   logits_t = xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t
   if temporal_bias:  # a learned (heads, T, T) matrix, the same for every clip
     logits_t = logits_t + p["global_logits"][None]
+  if temporal_norm == "others-minus-self":  # a frame gives itself no weight
+    logits_t = logits_t + np.where(np.eye(t, dtype=bool), -np.inf, 0.0)
   m_t = _softmax(logits_t, xp)
-  if temporal_norm == "softmax-identity":  # the blend minus the frame itself
+  if temporal_norm != "softmax":  # the blend minus the frame itself
     m_t = m_t - xp.eye(t)
   # Eq. 8: the temporal weights mix the (shared) value embedding.
   y = xp.einsum("bnts,bshwnc->bthwnc", m_t, heads(value)).reshape(b, t, h, w, d)
@@ -104,6 +106,9 @@ SWITCHES = [
     {"temporal_norm": "softmax-identity"},
     {"temporal_norm": "softmax-identity", "temporal_heads": 2, "shared_value": False,
      "residual": True},
+    {"temporal_norm": "others-minus-self", "temporal_heads": 4},
+    {"temporal_norm": "others-minus-self", "temporal_bias": True,
+     "temporal_bias_init_std": 1.0, "scale": "sqrt_d"},
 ]
 switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
 
@@ -148,7 +153,8 @@ def assert_gradients_match(module, switches, x):
 GRADIENT_CASES = [
     {"scale": "sqrt_d", "spatial_chunk": 3, "save_probs": False},
     {"scale": "sqrt_d", "shared_value": False, "temporal_kernel": 5,
-     "temporal_padding": "edge", "residual": True, "reduction": 2, "gate_init": 1.0},
+     "temporal_padding": "edge", "residual": True, "reduction": 2, "gate_init": 1.0,
+     "temporal_norm": "others-minus-self"},
     {"scale": "sqrt_d", "channel_branch": False, "temporal_kernel": 1,
      "residual": True, "temporal_heads": 4, "temporal_bias": True,
      "temporal_bias_init_std": 1.0, "temporal_norm": "softmax-identity"},

@@ -12,9 +12,10 @@ block's own shortcut stays. On `x: (B, T, H, W, C)`:
    each frame is flattened to a vector of H*W*C; `M_T = softmax(q_hat k_hat^T)`
    (T x T per clip).
 4. Shared value embedding (Eq. 8): `y = M_T v`, with the spatial step's `v`.
-   With `temporal_norm='softmax-identity'` (not in the paper) it is
-   `y = (M_T - I) v`: each frame's output is the other frames' blend minus the
-   frame itself, GTA's default normalisation of its global matrix.
+   Not in the paper: `temporal_norm='softmax-identity'` gives `y = (M_T - I) v`
+   (GTA's default normalisation of its global matrix), and `'others-minus-self'`
+   the same with `M_T`'s diagonal masked, so that each frame's output is the
+   blend of the *other* frames minus the frame itself.
 
 Every softmax goes through :func:`gta_jax.models.attention.attend` (f32 logits
 and softmax under bf16). Two memory modes:
@@ -52,7 +53,8 @@ from gta_jax.models import hooks
 
 SCALES = ("none", "sqrt_d")
 PADDINGS = ("zeros", "edge")
-TEMPORAL_NORMS = ("softmax", "softmax-identity")
+TEMPORAL_NORMS = ("softmax", "softmax-identity", "others-minus-self")
+_MASKED = -1e30  # a logit whose softmax weight is exactly 0
 # The two memory modes of `config.model.ssa` (module docstring, docs/ssa.md).
 # Fast, the default: every softmax kept for the backward pass, all frames at once.
 FAST_MEMORY_MODE = {"spatial_chunk": 0, "save_probs": True}
@@ -106,7 +108,8 @@ def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        bias: Optional[jax.Array] = None) -> jax.Array:
   """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(q k^T [+ bias]) v`.
 
-  `bias`, `(N, T, T)`, is added to each head's logits. The T x T softmax is small,
+  `bias`, `(N, T, T)` (or `(1, T, T)`, the same for every head), is added to each
+  head's logits. The T x T softmax is small,
   so with a bias it is written out in float32 here rather than in `attend`.
   """
   if bias is None:
@@ -147,9 +150,12 @@ class SeparableSelfAttention(nn.Module):
       content logits `q_hat k_hat^T` cannot choose (docs/ssa.md).
     temporal_bias_init_std: the normal init's std of that matrix.
     temporal_norm: `softmax` (the paper: `y = M_T v`, a convex blend of the
-      frames' values) or `softmax-identity` (`y = (M_T - I) v`: the blend minus
+      frames' values), `softmax-identity` (`y = (M_T - I) v`: the blend minus
       the frame's own value, a difference between frames, as GTA's default
-      `global_norm`; not in the paper).
+      `global_norm`) or `others-minus-self` (the same with `M_T`'s diagonal
+      masked: a content attention weighs a frame's own value most, and
+      `(M_T - I) v` then shrinks towards 0; docs/ssa.md). The last two are not in
+      the paper.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -199,6 +205,9 @@ class SeparableSelfAttention(nn.Module):
       bias = gta.global_logits_param(
           self, gta.global_init(self.temporal_bias_init_std, "random", "softmax"),
           heads, t)
+    if self.temporal_norm == "others-minus-self":
+      mask = jnp.where(jnp.eye(t, dtype=bool), _MASKED, 0.0)
+      bias = mask[None] if bias is None else bias + mask
     temporal = functools.partial(temporal_attention, scale=self.scale,
                                  save_probs=self.save_probs, bias=bias)
 
@@ -221,7 +230,7 @@ class SeparableSelfAttention(nn.Module):
     clips = lambda a: a.reshape(b, t, h * w, heads, inner // heads).transpose(
         0, 3, 1, 2, 4).reshape(b * heads, t, -1)
     y = temporal(clips(q_hat), clips(k_hat), clips(value))
-    if self.temporal_norm == "softmax-identity":
+    if self.temporal_norm != "softmax":
       y = y - clips(value)
     y = y.reshape(b, heads, t, h * w, inner // heads).transpose(0, 2, 3, 1, 4)
     y = y.reshape(b, t, h, w, inner)
@@ -296,7 +305,8 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       residual=cfg.residual, gate_init=float(cfg.gate_init), reduction=cfg.reduction,
       temporal_heads=cfg.temporal_heads, temporal_bias=cfg.temporal_bias,
       temporal_bias_init_std=float(cfg.temporal_bias_init_std),
-      temporal_norm=cfg.temporal_norm, spatial_chunk=cfg.spatial_chunk, save_probs=cfg.save_probs, dtype=dtype)
+      temporal_norm=cfg.temporal_norm, spatial_chunk=cfg.spatial_chunk,
+      save_probs=cfg.save_probs, dtype=dtype)
 
 
 SSA_SPEC = hooks.TemporalModuleSpec(
