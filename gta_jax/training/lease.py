@@ -17,6 +17,10 @@ bucket (`gs://`) an upload with the object store's precondition `ifGenerationMat
 Taking over and heartbeats replace the lease only if it is still the one read (its
 token locally, under a short lock; its generation on a bucket), so of two runs that
 both find a lease stale exactly one gets it.
+
+The machinery is :class:`ObjectLease`, a lease at any file or object path;
+:class:`Lease` is a workdir's. Dataset preparation into a bucket elects its
+preparer with one (`data/preparation.py`).
 """
 
 import contextlib
@@ -82,7 +86,7 @@ class Holder:
     except (ValueError, TypeError) as e:  # not JSON, not an object, other fields
       raise LeaseFileError(
           f"the lease file {path} is damaged ({type(e).__name__}: {e}): check that no "
-          "run uses its workdir, then delete it") from None
+          "run holds it, then delete it") from None
 
   def describe(self) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
@@ -240,18 +244,25 @@ class _BucketStore:
       self.fs.invalidate_cache(self.url)
 
 
-class Lease:
-  """The lease of `workdir` (see the module docstring).
+class ObjectLease:
+  """A lease at one file or object, `path` (local or `gs://...`): the module
+  docstring's machinery, whatever the lease guards (:class:`Lease`: a workdir).
+
+  `try_acquire` takes it, or names the live holder; while it is held, a thread
+  rewrites its heartbeat every `timeout_s / 10` seconds and sets `lost` once another
+  holder or nobody has it, or its file is damaged; `release` ends it. One object
+  holds the lease once: to try again after a release, make another.
 
   Args:
-    workdir: the run's directory, local or `gs://...`.
-    timeout_s: a heartbeat older than this marks a dead holder.
+    path: the lease file (its folder is made) or object.
+    timeout_s: a heartbeat older than this (or than the holder's own timeout, if
+      longer) marks a dead holder.
   """
 
-  def __init__(self, workdir: paths.PathLike, timeout_s: float = 300.0):
+  def __init__(self, path: paths.PathLike, timeout_s: float):
     if timeout_s <= 0:
-      raise ValueError(f"config.lease_timeout_s must be > 0, got {timeout_s!r}")
-    target = paths.path(workdir) / LEASE_FILE
+      raise ValueError(f"a lease's timeout_s must be > 0, got {timeout_s!r}")
+    target = paths.path(path)
     if paths.is_local(target):
       target.parent.mkdir(parents=True, exist_ok=True)
       self._store = _LocalStore(os.fspath(target))
@@ -263,14 +274,18 @@ class Lease:
     self._version: Optional[str] = None
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
-    self.lost = threading.Event()  # set when this run lost the lease (`check`)
-    self._lost = ""  # why, for `check`
+    self.lost = threading.Event()  # set when this process lost the lease
+    self._lost = ""  # why: logged, and raised by `Lease.check`
 
-  def acquire(self) -> "Lease":
+  def try_acquire(self) -> Optional[Holder]:
     """Takes the lease (over a dead holder's, with a warning) and starts heartbeats.
 
+    Returns:
+      None once this process holds it; the live holder that has it otherwise (then
+      nothing was started).
+
     Raises:
-      WorkdirLeasedError: a live holder has it.
+      LeaseFileError: the lease file is damaged.
     """
     me = Holder.me(self.timeout_s)
     while True:
@@ -286,11 +301,7 @@ class Lease:
         break
       why = holder.is_dead(self.timeout_s)
       if why is None:
-        raise WorkdirLeasedError(
-            f"another run holds the workdir: {self.path} is held by {holder.describe()}. "
-            "Stop that run, or use another --workdir (a lease whose holder died is "
-            f"taken over; one on another host after {holder.patience_s(self.timeout_s):.0f}"
-            " s without a heartbeat: the longer of the two runs' config.lease_timeout_s).")
+        return holder
       self._version = self._store.replace(version, me.encode())
       if self._version:
         log.warning("Took over the lease %s from a dead run (%s): %s.", self.path,
@@ -300,15 +311,15 @@ class Lease:
     self._thread = threading.Thread(target=self._beat, name="gta_jax-lease",
                                     daemon=True)
     self._thread.start()
-    return self
+    return None
 
   def _beat(self) -> None:
     """Rewrites the heartbeat every `timeout_s / 10` s while the lease is held.
 
     A heartbeat that cannot be written (a bucket not reachable) is tried again at
-    the next beat. The lease is lost (`check` raises) once another run or nobody
-    holds it, or once its file is damaged: then nothing tells this run whether
-    another one writes to the workdir.
+    the next beat. The lease is lost (`lost` is set) once another process or nobody
+    holds it, or once its file is damaged: then nothing tells this one whether
+    another one does what the lease guards.
     """
     while not self._stop.wait(self.timeout_s / 10):
       beat = dataclasses.replace(self.holder, heartbeat=time.time())
@@ -316,8 +327,7 @@ class Lease:
         version = self._store.replace(self._version, beat.encode())
         current = None if version else self._store.read()
       except LeaseFileError as e:
-        self._lose(f"{e}. This run stops before its next checkpoint, as it can no "
-                   "longer tell whether another run writes to its workdir.")
+        self._lose(self._damaged_message(e))
         return
       except Exception as e:  # pylint: disable=broad-except
         log.warning("Could not renew the lease %s (%s); trying again.", self.path, e)
@@ -325,27 +335,87 @@ class Lease:
       if current is not None and current[0].token == beat.token:
         version = current[1]  # ours: the answer to our upload was lost
       if not version:
-        holder = current[0].describe() if current else "nobody"
-        self._lose(
-            f"{self.path} is now held by {holder}, so it stops before its next "
-            "checkpoint. Its heartbeat had stopped for longer than the lease timeout "
-            "(a hung run, or a bucket it could not reach); raise "
-            "config.lease_timeout_s if that was a pause, and use one workdir per run.")
+        self._lose(self._taken_message(current[0].describe() if current else "nobody"))
         return
       self.holder, self._version = beat, version
 
-  def _lose(self, why: str) -> None:
-    """Gives the lease up: logs `why` once, and `check` raises it from now on.
+  def _damaged_message(self, error: LeaseFileError) -> str:
+    """Why the lease is lost when its file is damaged (`error` names the file)."""
+    return f"this process lost the lease {self.path}: {error}."
 
-    Args:
-      why: how the lease was lost and what to do, after "this run lost the lease of
-        its workdir WORKDIR: ".
-    """
-    self._lost = (
-        f"this run lost the lease of its workdir {os.path.dirname(self.path)}: {why}")
+  def _taken_message(self, holder: str) -> str:
+    """Why the lease is lost when `holder` (described; 'nobody') has it now."""
+    return (f"this process lost the lease {self.path}: it is now held by {holder}. Its "
+            "heartbeat had stopped for longer than the lease timeout (a hung process, "
+            "or a bucket it could not reach).")
+
+  def _lose(self, why: str) -> None:
+    """Gives the lease up: logs `why` once and sets `lost`."""
+    self._lost = why
     log.error("%s", self._lost)
     self.holder = None  # release() leaves the lease file alone: it is not ours
     self.lost.set()
+
+  def release(self) -> None:
+    """Stops the heartbeats and deletes the lease (if this process still holds it).
+
+    Never raises (it runs in `finally`: the caller's own error must not be
+    replaced): a lease it cannot delete is logged, and the next contender takes it
+    over once it sees its holder dead.
+    """
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    if self.holder is not None:
+      try:
+        self._store.replace(self._version, None)
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("Could not delete the lease %s (%s: %s); the next contender takes "
+                    "it over once it sees this process dead.", self.path,
+                    type(e).__name__, e)
+      self.holder = None
+
+
+class Lease(ObjectLease):
+  """The lease of `workdir`, `WORKDIR/lease.json` (see the module docstring).
+
+  Args:
+    workdir: the run's directory, local or `gs://...`.
+    timeout_s: a heartbeat older than this marks a dead holder.
+  """
+
+  def __init__(self, workdir: paths.PathLike, timeout_s: float = 300.0):
+    if timeout_s <= 0:
+      raise ValueError(f"config.lease_timeout_s must be > 0, got {timeout_s!r}")
+    super().__init__(paths.path(workdir) / LEASE_FILE, timeout_s)
+
+  def acquire(self) -> "Lease":
+    """Takes the lease (over a dead holder's, with a warning) and starts heartbeats.
+
+    Raises:
+      WorkdirLeasedError: a live holder has it.
+    """
+    holder = self.try_acquire()
+    if holder is not None:
+      raise WorkdirLeasedError(
+          f"another run holds the workdir: {self.path} is held by {holder.describe()}. "
+          "Stop that run, or use another --workdir (a lease whose holder died is "
+          f"taken over; one on another host after {holder.patience_s(self.timeout_s):.0f}"
+          " s without a heartbeat: the longer of the two runs' config.lease_timeout_s).")
+    return self
+
+  def _lost_prefix(self) -> str:
+    return f"this run lost the lease of its workdir {os.path.dirname(self.path)}: "
+
+  def _damaged_message(self, error: LeaseFileError) -> str:
+    return (f"{self._lost_prefix()}{error}. This run stops before its next checkpoint, "
+            "as it can no longer tell whether another run writes to its workdir.")
+
+  def _taken_message(self, holder: str) -> str:
+    return (f"{self._lost_prefix()}{self.path} is now held by {holder}, so it stops "
+            "before its next checkpoint. Its heartbeat had stopped for longer than the "
+            "lease timeout (a hung run, or a bucket it could not reach); raise "
+            "config.lease_timeout_s if that was a pause, and use one workdir per run.")
 
   def check(self) -> None:
     """Raises if this run lost the lease: another run took it over, or its file was
@@ -357,22 +427,3 @@ class Lease:
     """
     if self.lost.is_set():
       raise LeaseLostError(self._lost)
-
-  def release(self) -> None:
-    """Stops the heartbeats and deletes the lease (if this run still holds it).
-
-    Never raises (it runs after training, in `finally`: the run's own error must
-    not be replaced): a lease it cannot delete is logged, and the next run takes it
-    over once its holder is seen dead.
-    """
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-    if self.holder is not None:
-      try:
-        self._store.replace(self._version, None)
-      except Exception as e:  # pylint: disable=broad-except
-        log.warning("Could not delete the lease %s (%s: %s); the next run on the "
-                    "workdir takes it over once it sees this one dead.", self.path,
-                    type(e).__name__, e)
-      self.holder = None
