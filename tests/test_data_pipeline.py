@@ -468,6 +468,128 @@ def test_waiters_on_a_lock_being_broken_sleep(tmp_path, monkeypatch):
   assert sleeps == [0.5] * len(sleeps) and len(sleeps) >= len(checks) - 2
 
 
+def test_concurrent_preparation_into_a_bucket_builds_once(bucket, tmp_path, monkeypatch):
+  """Three processes (threads, each with its own lease) preparing the same gs://
+  dataset: one builds and copies it up, the others wait for it."""
+  import threading
+  from gta_jax import paths
+  from gta_jax.data import builders
+  c = tiny_config(f"gs://bucket/{tmp_path.name}")
+  c.data.synthetic.train_per_class = c.data.synthetic.val_per_class = 1
+  calls = []
+  real = builders.make_builder
+  monkeypatch.setattr(builders, "make_builder",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(preparation, "_BUCKET_POLL_S", 0.2)
+  results, start = [], threading.Barrier(3)
+
+  def worker():
+    start.wait()
+    results.append(preparation.prepare_dataset(c))
+
+  threads = [threading.Thread(target=worker) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert len(results) == 3 and all(r == results[0] for r in results)
+  assert results[0].num_examples == {"train": 10, "val": 10}
+  assert len(calls) == 1  # one preparer, the others waited for it
+  assert not paths.path(builders.prepared_dir(c.data) + ".lock").exists()  # released
+
+
+def plant_bucket_lock(path, **fields):
+  """Plants the preparation lock of the gs:// dataset `path`, held by a holder like
+  this process (its fields overridden)."""
+  from gta_jax.training import lease as lease_lib
+  holder = lease_lib.Holder(**dict(lease_lib.Holder.me(300.0).__dict__, **fields))
+  lock = lease_lib.ObjectLease(path + ".lock", 300.0)
+  assert lock._store.create(holder.encode())  # pylint: disable=protected-access
+  return lock
+
+
+def prepare_in_a_bucket(path):
+  """Runs `preparation._run_once_leased` on the gs:// `path` in a thread; returns the
+  thread and a list that gets the lock it prepared under."""
+  import threading
+  from gta_jax import paths
+  prepared = []
+
+  def prepare(lock):
+    prepared.append(lock)
+    (paths.path(path) / pipeline.INFO_FILE).write_text("{}")
+
+  thread = threading.Thread(target=preparation._run_once_leased,
+                            args=(path, prepare, 0.01, 300.0))
+  thread.start()
+  return thread, prepared
+
+
+@pytest.mark.parametrize("holder,why", [
+    (dict(pid=999999999), "its process 999999999 on this host is gone"),
+    (dict(host="elsewhere", pid=1, heartbeat=0.0), "its heartbeat is older than 300 s"),
+])
+def test_a_bucket_preparation_lock_of_a_dead_holder_is_taken_over(bucket, tmp_path,
+                                                                  caplog, holder, why):
+  import logging
+  from gta_jax import paths
+  path = f"gs://bucket/{tmp_path.name}/dataset"
+  plant_bucket_lock(path, **holder)
+  with caplog.at_level(logging.WARNING):
+    thread, prepared = prepare_in_a_bucket(path)
+    thread.join(30)
+  assert not thread.is_alive() and len(prepared) == 1
+  assert f"Took over the lease {path}.lock from a dead run" in caplog.text
+  assert why in caplog.text
+  assert not paths.path(path + ".lock").exists()  # released
+
+
+def test_a_bucket_preparation_lock_of_a_live_holder_is_waited_on(bucket, tmp_path):
+  """Its holder (this process, beating) prepares: the other waits; released without
+  the data (the preparer failed), the lock is taken and the data prepared."""
+  path = f"gs://bucket/{tmp_path.name}/dataset"
+  planted = plant_bucket_lock(path)
+  thread, prepared = prepare_in_a_bucket(path)
+  thread.join(1.0)
+  assert thread.is_alive() and not prepared
+  assert planted._store.replace(planted._store.read()[1], None) == ""  # pylint: disable=protected-access
+  thread.join(30)
+  assert not thread.is_alive() and len(prepared) == 1
+
+
+def test_a_bucket_preparer_that_lost_its_lock_does_not_copy_up(bucket, tmp_path,
+                                                               monkeypatch, caplog):
+  """Taken for dead (its heartbeat late) and taken over, it leaves the copy to the
+  new holder: two preparers never write the same dataset."""
+  import dataclasses
+  import logging
+  from gta_jax import paths
+  from gta_jax.data import builders
+  from gta_jax.training import lease as lease_lib
+  c = tiny_config(f"gs://bucket/{tmp_path.name}")
+  target = builders.prepared_dir(c.data)
+  lock = lease_lib.ObjectLease(target + ".lock", 0.5)
+  assert lock.try_acquire() is None
+
+  def build(local, num_workers):
+    del num_workers
+    os.makedirs(builders.prepared_dir(local))
+    open(os.path.join(builders.prepared_dir(local), pipeline.INFO_FILE), "w").close()
+    store = lease_lib.ObjectLease(lock.path, 300.0)._store  # pylint: disable=protected-access
+    holder, version = store.read()
+    assert store.replace(version, dataclasses.replace(
+        holder, host="elsewhere", pid=7, token="x", timeout_s=3600.0).encode())
+    assert lock.lost.wait(5)
+
+  monkeypatch.setattr(preparation, "_build", build)
+  with caplog.at_level(logging.WARNING):
+    preparation._prepare_remote(c.data, 0, lock)
+  lock.release()
+  assert not paths.path(target).exists()
+  assert f"Not copying the prepared dataset to {target}: this process lost" in caplog.text
+  assert "now held by host elsewhere, process 7" in caplog.text
+
+
 def test_a_dataset_whose_shards_fail_the_check_is_not_left_prepared(tmp_path, monkeypatch):
   """The builder writes dataset_info.json before the shards are checked: a failed
   check must not leave a dataset that `is_prepared` accepts."""

@@ -5,8 +5,10 @@
 * `prepare_dataset(config)`: the same, race-free across processes (one prepares, the
   others wait for it), checked against `config.model.num_classes`.
 
-A local dataset is prepared under a lock file beside it. One prepared for a bucket
-`data_dir` (`gs://...`) is written to a local staging folder first, then copied up
+A dataset is prepared by one process at a time, elected by a lock beside its
+folder, `<version>.lock`: locally a lock file (`_run_once`), in a bucket `data_dir`
+(`gs://...`) a lease object (`_run_once_leased`, `training/lease.py`'s machinery).
+One prepared for a bucket is written to a local staging folder first, then copied up
 with `dataset_info.json` last, so that a half-copied dataset is never seen as
 prepared. Each shard is checked to hold the records the dataset lists (a truncated
 shard stops preparation, named, and the dataset is removed), and each copied file to
@@ -28,8 +30,14 @@ from gta_jax import processes
 from gta_jax.data import builders
 from gta_jax.data import pipeline
 from gta_jax.data.pipeline import DatasetMeta
+from gta_jax.training import lease as lease_lib
 
 log = logging.getLogger(__name__)
+
+# A bucket's preparation lock (`_run_once_leased`): a preparer whose heartbeat (every
+# tenth of this) is older is taken for dead; waiters look every _BUCKET_POLL_S.
+_BUCKET_LOCK_TIMEOUT_S = 300.0
+_BUCKET_POLL_S = 5.0
 
 
 def _how_to_prepare(d) -> str:
@@ -78,6 +86,24 @@ def _remove_stale_lock(lock: str) -> bool:
     os.remove(breaker)
 
 
+class _Waiter:
+  """Waits `poll_s` at a time for another process to prepare `path` (elected by
+  `lock`), saying so every minute."""
+
+  def __init__(self, path: str, lock: str, poll_s: float):
+    self.path, self.lock, self.poll_s = path, lock, poll_s
+    self.waited, self.logged = 0.0, 0.0
+
+  def wait(self, holder: str = "") -> None:
+    """Sleeps one poll; `holder`: who prepares, for the log ('' if unknown)."""
+    if self.waited - self.logged >= 60:
+      log.info("Waiting for another process%s to prepare %s (lock %s, %.0f s).",
+               f" ({holder})" if holder else "", self.path, self.lock, self.waited)
+      self.logged = self.waited
+    time.sleep(self.poll_s)
+    self.waited += self.poll_s
+
+
 def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
   """Runs `prepare_fn` unless `path` is prepared, in one process at a time.
 
@@ -86,23 +112,18 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
   A lock left by a dead process on this host (its pid gone, or now another process's:
   the lock holds the holder's start time) is removed; one left by another host must be
   removed by hand (the message says where). On a data_dir that hosts do not share, each
-  host prepares its own copy. Local paths only (a bucket has no exclusive create).
+  host prepares its own copy. Local paths only (`_run_once_leased` for buckets).
   """
   lock = os.fspath(paths.path(path)) + ".lock"
   os.makedirs(os.path.dirname(lock), exist_ok=True)
-  waited, last_log = 0.0, 0.0
+  waiter = _Waiter(path, lock, poll_s)
   while not pipeline.is_prepared(path):
     try:
       fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
       if _held_by_dead_process(lock) and _remove_stale_lock(lock):
         continue
-      if waited - last_log >= 60:
-        log.info("Waiting for another process to prepare %s (lock %s, %.0f s).", path, lock,
-                 waited)
-        last_log = waited
-      time.sleep(poll_s)
-      waited += poll_s
+      waiter.wait()
       continue
     try:
       with os.fdopen(fd, "w") as f:
@@ -111,6 +132,34 @@ def _run_once(path: str, prepare_fn, poll_s: float = 1.0) -> None:
         prepare_fn()
     finally:
       os.remove(lock)
+
+
+def _run_once_leased(path: str, prepare_fn, poll_s: float, timeout_s: float) -> None:
+  """Runs `prepare_fn(lock)` unless `path` (in a bucket) is prepared, in one process
+  at a time, across hosts.
+
+  The lock is a lease object `<path>.lock` (`lease_lib.ObjectLease`: created only if
+  absent, its holder's host, pid, start time and a heartbeat every `timeout_s / 10`).
+  The process that creates it prepares; the others wait until the data appears. A
+  lock whose holder is dead (on this host: its process is gone; elsewhere: its
+  heartbeat is older than `timeout_s`) is taken over, with a warning, by exactly one
+  of them, and one released without the data (the preparer failed) is taken by the
+  next. `prepare_fn` gets the held lease: a preparer that lost it (`lock.lost`: it
+  was taken for dead and taken over) must not write the data, as another one does.
+  """
+  lock_path = os.fspath(paths.path(path)) + ".lock"
+  waiter = _Waiter(path, lock_path, poll_s)
+  while not pipeline.is_prepared(path):
+    lock = lease_lib.ObjectLease(lock_path, timeout_s)
+    holder = lock.try_acquire()
+    if holder is not None:
+      waiter.wait(holder.describe())
+      continue
+    try:
+      if not pipeline.is_prepared(path):
+        prepare_fn(lock)
+    finally:
+      lock.release()
 
 
 def check_shards(path: paths.PathLike) -> None:
@@ -173,8 +222,9 @@ def _upload_tree(local_dir: str, target: paths.PathLike, last: str) -> None:
                                       f"{size}: the copy is truncated")
 
 
-def _prepare_remote(data_config, num_workers: int) -> None:
-  """Prepares into a local staging folder (`$TMPDIR`), then copies the dataset up.
+def _prepare_remote(data_config, num_workers: int, lock: lease_lib.ObjectLease) -> None:
+  """Prepares into a local staging folder (`$TMPDIR`), then copies the dataset up,
+  unless `lock` (`_run_once_leased`'s) was lost meanwhile.
 
   ArrayRecord files cannot be written to a bucket directly. `dataset_info.json` goes
   up last, so that readers (which wait for it) never see a half-copied split.
@@ -184,6 +234,11 @@ def _prepare_remote(data_config, num_workers: int) -> None:
     local.data_dir = staging
     _build(local, num_workers)
     target = builders.prepared_dir(data_config)
+    if lock.lost.is_set():
+      log.warning("Not copying the prepared dataset to %s: this process lost its lock "
+                  "%s (logged above), so another one may prepare it; waiting for the "
+                  "data.", target, lock.path)
+      return
     log.info("Copying the prepared dataset to %s", target)
     _upload_tree(builders.prepared_dir(local), target, last=pipeline.INFO_FILE)
 
@@ -207,7 +262,8 @@ def prepare(data_config, *, num_workers: int | None = None) -> DatasetMeta:
     if paths.is_local(path):
       _run_once(path, lambda: _build(data_config, workers))
     else:
-      _prepare_remote(data_config, workers)
+      _run_once_leased(path, lambda lock: _prepare_remote(data_config, workers, lock),
+                       _BUCKET_POLL_S, _BUCKET_LOCK_TIMEOUT_S)
   return pipeline.read_meta(path)
 
 
