@@ -366,21 +366,15 @@ def test_state_goes_through_grains_checkpoint_handler(data_dir, tmp_path):
   assert_same_batches(take(fresh, 2), expected)
 
 
-def test_concurrent_preparation_is_race_free(tmp_path, monkeypatch):
-  import socket
+def prepare_in_three_threads(c, monkeypatch):
+  """`prepare_dataset(c)` from three threads at once: their results, and how many
+  datasets were built."""
   import threading
   from gta_jax.data import builders
-  c = tiny_config(tmp_path)
-  c.data.synthetic.train_per_class = c.data.synthetic.val_per_class = 1
   calls = []
   real = builders.make_builder
   monkeypatch.setattr(builders, "make_builder",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
-  # A lock left by a dead process on this host is cleared, not waited on forever.
-  path = builders.prepared_dir(c.data)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".lock", "w") as f:
-    f.write(f"{socket.gethostname()} 999999999")
   results, start = [], threading.Barrier(3)
 
   def worker():
@@ -393,7 +387,21 @@ def test_concurrent_preparation_is_race_free(tmp_path, monkeypatch):
   for t in threads:
     t.join(timeout=120)
   assert len(results) == 3 and all(r == results[0] for r in results)
-  assert len(calls) == 1  # one preparer, the others waited for it
+  return results, len(calls)
+
+
+def test_concurrent_preparation_is_race_free(tmp_path, monkeypatch):
+  import socket
+  from gta_jax.data import builders
+  c = tiny_config(tmp_path)
+  c.data.synthetic.train_per_class = c.data.synthetic.val_per_class = 1
+  # A lock left by a dead process on this host is cleared, not waited on forever.
+  path = builders.prepared_dir(c.data)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "w") as f:
+    f.write(f"{socket.gethostname()} 999999999")
+  _, builds = prepare_in_three_threads(c, monkeypatch)
+  assert builds == 1  # one preparer, the others waited for it
   assert not os.path.exists(path + ".lock")
 
 
@@ -471,30 +479,14 @@ def test_waiters_on_a_lock_being_broken_sleep(tmp_path, monkeypatch):
 def test_concurrent_preparation_into_a_bucket_builds_once(bucket, tmp_path, monkeypatch):
   """Three processes (threads, each with its own lease) preparing the same gs://
   dataset: one builds and copies it up, the others wait for it."""
-  import threading
   from gta_jax import paths
   from gta_jax.data import builders
   c = tiny_config(f"gs://bucket/{tmp_path.name}")
   c.data.synthetic.train_per_class = c.data.synthetic.val_per_class = 1
-  calls = []
-  real = builders.make_builder
-  monkeypatch.setattr(builders, "make_builder",
-                      lambda *a, **k: calls.append(1) or real(*a, **k))
   monkeypatch.setattr(preparation, "_BUCKET_POLL_S", 0.2)
-  results, start = [], threading.Barrier(3)
-
-  def worker():
-    start.wait()
-    results.append(preparation.prepare_dataset(c))
-
-  threads = [threading.Thread(target=worker) for _ in range(3)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(timeout=120)
-  assert len(results) == 3 and all(r == results[0] for r in results)
+  results, builds = prepare_in_three_threads(c, monkeypatch)
   assert results[0].num_examples == {"train": 10, "val": 10}
-  assert len(calls) == 1  # one preparer, the others waited for it
+  assert builds == 1  # one preparer, the others waited for it
   assert not paths.path(builders.prepared_dir(c.data) + ".lock").exists()  # released
 
 
