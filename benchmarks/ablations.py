@@ -114,6 +114,10 @@ ROWS = {
                                             "model.ssa.temporal_bias_init_std=1.0"),
                           "SSA with a learned T x T bias of M_T's logits (GTA's G, "
                           "init std 1, lr x20; not in the paper)"),
+    "ssa_bias_identity": ("synthetic_ssa", ("model.ssa.temporal_bias=True",
+                                            "model.ssa.temporal_bias_init=identity"),
+                          "SSA with a learned T x T bias of M_T's logits starting near "
+                          "the identity (as `gta_identity_init`; not in the paper)"),
     "ssa_minus_identity": ("synthetic_ssa", ("model.ssa.temporal_norm=softmax-identity",),
                            "SSA with y = (M_T - I) v: the blend of frames minus the "
                            "frame itself (GTA's default norm; not in the paper)"),

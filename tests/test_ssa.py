@@ -27,6 +27,7 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   temporal_kernel=3, temporal_padding="zeros", scale="none",
                   residual=False, gate_init=0.0, reduction=1, temporal_heads=1,
                   temporal_bias=False, temporal_bias_init_std=0.02,
+                  temporal_bias_init="random",
                   temporal_norm="softmax", spatial_chunk=0, save_probs=True, xp=np):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
@@ -34,7 +35,7 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
   custom VJP anywhere on that path).
   """
   # scheduling and init, not the function
-  del spatial_chunk, save_probs, gate_init, temporal_bias_init_std
+  del spatial_chunk, save_probs, gate_init, temporal_bias_init_std, temporal_bias_init
   if xp is np:
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
@@ -229,6 +230,18 @@ def test_temporal_bias_sees_frame_order_without_the_temporal_conv():
   assert gap > 1e-2, gap
 
 
+def test_identity_bias_gives_each_frame_half_its_weight():
+  """`temporal_bias_init='identity'`: the bias starts at `log T` on the diagonal, so
+  with equal content logits a frame weighs itself T / (2T - 1), about a half."""
+  t = SHAPE[1]
+  module = ssa.SeparableSelfAttention(temporal_bias=True, temporal_bias_init="identity",
+                                      temporal_bias_init_std=0.0, temporal_heads=2)
+  bias = module.init(jax.random.key(1), jnp.zeros(SHAPE))["params"]["global_logits"]
+  weights = jax.nn.softmax(bias, axis=-1)
+  np.testing.assert_allclose(np.diagonal(weights, axis1=1, axis2=2), t / (2 * t - 1),
+                             rtol=1e-6)
+
+
 def test_temporal_bias_refuses_another_clip_length():
   """The (heads, T, T) bias is built for one T: another is refused by name."""
   module = ssa.SeparableSelfAttention(temporal_bias=True)
@@ -258,7 +271,7 @@ def test_bad_config_names_the_key():
     build_model(config)
   config.model.ssa.spatial_chunk = 0
   for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap"),
-                   ("temporal_norm", "signed"),
+                   ("temporal_norm", "signed"), ("temporal_bias_init", "eye"),
                    ("temporal_heads", 0),
                    ("temporal_bias_init_std", -1.0)):
     good = config.model.ssa[key]

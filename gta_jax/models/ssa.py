@@ -149,6 +149,9 @@ class SeparableSelfAttention(nn.Module):
       of the same name, so that a head can attend by frame offset, which the
       content logits `q_hat k_hat^T` cannot choose (docs/ssa.md).
     temporal_bias_init_std: the normal init's std of that matrix.
+    temporal_bias_init: `random` (normal) or `identity` (plus `log T` on the
+      diagonal: each frame starts by giving itself about half its weight, as GTA's
+      `global_init=identity`).
     temporal_norm: `softmax` (the paper: `y = M_T v`, a convex blend of the
       frames' values), `softmax-identity` (`y = (M_T - I) v`: the blend minus
       the frame's own value, a difference between frames, as GTA's default
@@ -177,6 +180,7 @@ class SeparableSelfAttention(nn.Module):
   temporal_heads: int = 1
   temporal_bias: bool = False
   temporal_bias_init_std: float = 0.02
+  temporal_bias_init: str = "random"
   temporal_norm: str = "softmax"
   spatial_chunk: int = 0
   save_probs: bool = True
@@ -203,7 +207,8 @@ class SeparableSelfAttention(nn.Module):
     bias = None
     if self.temporal_bias:
       bias = gta.global_logits_param(
-          self, gta.global_init(self.temporal_bias_init_std, "random", "softmax"),
+          self, gta.global_init(self.temporal_bias_init_std, self.temporal_bias_init,
+                                "softmax"),
           heads, t)
     if self.temporal_norm == "others-minus-self":
       mask = jnp.where(jnp.eye(t, dtype=bool), _MASKED, 0.0)
@@ -253,7 +258,8 @@ def default_config() -> ml_collections.ConfigDict:
       placement="res3:0,2;res4:0,2,4", channel_branch=True, shared_value=True,
       temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
       gate_init=0.0, reduction=1, temporal_heads=1, temporal_bias=False,
-      temporal_bias_init_std=0.02, temporal_norm="softmax", **FAST_MEMORY_MODE))
+      temporal_bias_init_std=0.02, temporal_bias_init="random", temporal_norm="softmax",
+      **FAST_MEMORY_MODE))
 
 
 def build(cfg: ml_collections.ConfigDict, dtype: Any):
@@ -261,6 +267,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if cfg.scale not in SCALES:
     raise ValueError(f"config.model.ssa.scale must be one of {SCALES}, "
                      f"got {cfg.scale!r}")
+  if cfg.temporal_bias_init not in gta.GLOBAL_INITS:
+    raise ValueError(f"config.model.ssa.temporal_bias_init must be one of "
+                     f"{gta.GLOBAL_INITS}, got {cfg.temporal_bias_init!r}")
   if cfg.temporal_norm not in TEMPORAL_NORMS:
     raise ValueError(f"config.model.ssa.temporal_norm must be one of {TEMPORAL_NORMS}, "
                      f"got {cfg.temporal_norm!r}")
@@ -305,6 +314,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       residual=cfg.residual, gate_init=float(cfg.gate_init), reduction=cfg.reduction,
       temporal_heads=cfg.temporal_heads, temporal_bias=cfg.temporal_bias,
       temporal_bias_init_std=float(cfg.temporal_bias_init_std),
+      temporal_bias_init=cfg.temporal_bias_init,
       temporal_norm=cfg.temporal_norm, spatial_chunk=cfg.spatial_chunk,
       save_probs=cfg.save_probs, dtype=dtype)
 
