@@ -109,8 +109,8 @@ def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(q k^T [+ bias]) v`.
 
   `bias`, `(N, T, T)` (or `(1, T, T)`, the same for every head), is added to each
-  head's logits. The T x T softmax is small,
-  so with a bias it is written out in float32 here rather than in `attend`.
+  head's logits. The T x T softmax is small, so with a bias it is written out in
+  float32 here rather than in `attend`.
   """
   if bias is None:
     return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
