@@ -126,6 +126,13 @@ ROWS = {
                               "SSA with y = (M_T - I) v, M_T's diagonal masked: the "
                               "blend of the other frames minus the frame (not in the "
                               "paper)"),
+    "ssa_bias_others_minus_self": ("synthetic_ssa",
+                                   ("model.ssa.temporal_norm=others-minus-self",
+                                    "model.ssa.temporal_bias=True",
+                                    "model.ssa.temporal_bias_init_std=1.0"),
+                                   "SSA with y = (M_T - I) v, M_T's diagonal masked and "
+                                   "a learned T x T bias of its logits: GTA's "
+                                   "softmax(G) - I with content (not in the paper)"),
     # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),
