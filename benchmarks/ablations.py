@@ -133,6 +133,11 @@ ROWS = {
                                    "SSA with y = (M_T - I) v, M_T's diagonal masked and "
                                    "a learned T x T bias of its logits: GTA's "
                                    "softmax(G) - I with content (not in the paper)"),
+    "ssa_earlier_minus_self": ("synthetic_ssa",
+                               ("model.ssa.temporal_norm=earlier-minus-self",),
+                               "SSA with y = (M_T - I) v, M_T masked to the earlier "
+                               "frames: the blend of the frames before minus the frame, "
+                               "a difference with a direction (not in the paper)"),
     # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),

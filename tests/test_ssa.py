@@ -75,9 +75,15 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
     logits_t = logits_t + p["global_logits"][None]
   if temporal_norm == "others-minus-self":  # a frame gives itself no weight
     logits_t = logits_t + np.where(np.eye(t, dtype=bool), -np.inf, 0.0)
+  if temporal_norm == "earlier-minus-self":  # only the frames before it
+    before = np.tril(np.ones((t, t), dtype=bool), k=-1)
+    logits_t = xp.where(before, logits_t, -np.inf)
+    logits_t = xp.where(np.arange(t)[:, None] == 0, 0.0, logits_t)  # row 0: none
   m_t = _softmax(logits_t, xp)
   if temporal_norm != "softmax":  # the blend minus the frame itself
     m_t = m_t - xp.eye(t)
+  if temporal_norm == "earlier-minus-self":  # the first frame has no change
+    m_t = m_t * (np.arange(t) > 0)[:, None]
   # Eq. 8: the temporal weights mix the (shared) value embedding.
   y = xp.einsum("bnts,bshwnc->bthwnc", m_t, heads(value)).reshape(b, t, h, w, d)
   if reduction > 1:
@@ -110,6 +116,9 @@ SWITCHES = [
     {"temporal_norm": "others-minus-self", "temporal_heads": 4},
     {"temporal_norm": "others-minus-self", "temporal_bias": True,
      "temporal_bias_init_std": 1.0, "scale": "sqrt_d"},
+    {"temporal_norm": "earlier-minus-self", "temporal_heads": 2},
+    {"temporal_norm": "earlier-minus-self", "temporal_bias": True,
+     "temporal_bias_init_std": 1.0, "scale": "sqrt_d", "residual": True},
 ]
 switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
 
@@ -159,6 +168,8 @@ GRADIENT_CASES = [
     {"scale": "sqrt_d", "channel_branch": False, "temporal_kernel": 1,
      "residual": True, "temporal_heads": 4, "temporal_bias": True,
      "temporal_bias_init_std": 1.0, "temporal_norm": "softmax-identity"},
+    {"scale": "sqrt_d", "residual": True, "temporal_heads": 2,
+     "temporal_norm": "earlier-minus-self"},
 ]
 
 

@@ -13,9 +13,10 @@ block's own shortcut stays. On `x: (B, T, H, W, C)`:
    (T x T per clip).
 4. Shared value embedding (Eq. 8): `y = M_T v`, with the spatial step's `v`.
    Not in the paper: `temporal_norm='softmax-identity'` gives `y = (M_T - I) v`
-   (GTA's default normalisation of its global matrix), and `'others-minus-self'`
+   (GTA's default normalisation of its global matrix), `'others-minus-self'`
    the same with `M_T`'s diagonal masked, so that each frame's output is the
-   blend of the *other* frames minus the frame itself.
+   blend of the *other* frames minus the frame itself, and `'earlier-minus-self'`
+   the blend of the *earlier* frames minus the frame (0 for the first frame).
 
 Every softmax goes through :func:`gta_jax.models.attention.attend` (f32 logits
 and softmax under bf16). Two memory modes:
@@ -53,8 +54,13 @@ from gta_jax.models import hooks
 
 SCALES = ("none", "sqrt_d")
 PADDINGS = ("zeros", "edge")
-TEMPORAL_NORMS = ("softmax", "softmax-identity", "others-minus-self")
+TEMPORAL_NORMS = ("softmax", "softmax-identity", "others-minus-self", "earlier-minus-self")
 _MASKED = -1e30  # a logit whose softmax weight is exactly 0
+# The frames `s` that frame `t` may not attend to, as a (T, T) boolean [t, s].
+_MASKED_FRAMES = {
+    "others-minus-self": lambda t: jnp.eye(t, dtype=bool),
+    "earlier-minus-self": lambda t: jnp.arange(t)[None, :] >= jnp.arange(t)[:, None],
+}
 # The two memory modes of `config.model.ssa` (module docstring, docs/ssa.md).
 # Fast, the default: every softmax kept for the backward pass, all frames at once.
 FAST_MEMORY_MODE = {"spatial_chunk": 0, "save_probs": True}
@@ -155,10 +161,12 @@ class SeparableSelfAttention(nn.Module):
     temporal_norm: `softmax` (the paper: `y = M_T v`, a convex blend of the
       frames' values), `softmax-identity` (`y = (M_T - I) v`: the blend minus
       the frame's own value, a difference between frames, as GTA's default
-      `global_norm`) or `others-minus-self` (the same with `M_T`'s diagonal
+      `global_norm`), `others-minus-self` (the same with `M_T`'s diagonal
       masked: a content attention weighs a frame's own value most, and
-      `(M_T - I) v` then shrinks towards 0; docs/ssa.md). The last two are not in
-      the paper.
+      `(M_T - I) v` then shrinks towards 0; docs/ssa.md) or `earlier-minus-self`
+      (`M_T` masked to the frames before each frame: a difference with a
+      direction in time; the first frame, with none before it, outputs 0). The
+      last three are not in the paper.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -210,8 +218,8 @@ class SeparableSelfAttention(nn.Module):
           self, gta.global_init(self.temporal_bias_init_std, self.temporal_bias_init,
                                 "softmax"),
           heads, t)
-    if self.temporal_norm == "others-minus-self":
-      mask = jnp.where(jnp.eye(t, dtype=bool), _MASKED, 0.0)
+    if self.temporal_norm in _MASKED_FRAMES:
+      mask = jnp.where(_MASKED_FRAMES[self.temporal_norm](t), _MASKED, 0.0)
       bias = mask[None] if bias is None else bias + mask
     temporal = functools.partial(temporal_attention, scale=self.scale,
                                  save_probs=self.save_probs, bias=bias)
@@ -237,6 +245,8 @@ class SeparableSelfAttention(nn.Module):
     y = temporal(clips(q_hat), clips(k_hat), clips(value))
     if self.temporal_norm != "softmax":
       y = y - clips(value)
+    if self.temporal_norm == "earlier-minus-self":  # its first row is all masked
+      y = y * (jnp.arange(t) > 0)[:, None]
     y = y.reshape(b, heads, t, h * w, inner // heads).transpose(0, 2, 3, 1, 4)
     y = y.reshape(b, t, h, w, inner)
     if self.residual:
