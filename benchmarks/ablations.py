@@ -138,6 +138,12 @@ ROWS = {
                                "SSA with y = (M_T - I) v, M_T masked to the earlier "
                                "frames: the blend of the frames before minus the frame, "
                                "a difference with a direction (not in the paper)"),
+    "ssa_minus_identity_cap2": ("synthetic_ssa",
+                                ("model.ssa.temporal_norm=softmax-identity",
+                                 "model.ssa.temporal_logit_cap=2.0"),
+                                "SSA with y = (M_T - I) v and M_T's content logits "
+                                "bounded to (-2, 2): no frame's weight above 0.89, so "
+                                "the difference cannot vanish (not in the paper)"),
     # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),

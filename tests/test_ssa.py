@@ -28,7 +28,8 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   residual=False, gate_init=0.0, reduction=1, temporal_heads=1,
                   temporal_bias=False, temporal_bias_init_std=0.02,
                   temporal_bias_init="random",
-                  temporal_norm="softmax", spatial_chunk=0, save_probs=True, xp=np):
+                  temporal_norm="softmax", temporal_logit_cap=0.0, spatial_chunk=0,
+                  save_probs=True, xp=np):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
   `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad` (no
@@ -71,6 +72,8 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
   heads = lambda a: a.reshape(b, t, h, w, temporal_heads, d // temporal_heads)
   s_t = 1.0 if scale == "none" else (h * w * d // temporal_heads) ** -0.5
   logits_t = xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t
+  if temporal_logit_cap:  # content logits bounded to (-cap, cap)
+    logits_t = temporal_logit_cap * xp.tanh(logits_t / temporal_logit_cap)
   if temporal_bias:  # a learned (heads, T, T) matrix, the same for every clip
     logits_t = logits_t + p["global_logits"][None]
   if temporal_norm == "others-minus-self":  # a frame gives itself no weight
@@ -117,6 +120,8 @@ SWITCHES = [
     {"temporal_norm": "others-minus-self", "temporal_bias": True,
      "temporal_bias_init_std": 1.0, "scale": "sqrt_d"},
     {"temporal_norm": "earlier-minus-self", "temporal_heads": 2},
+    # cap 0.5: the unscaled logits here reach several units, so it binds
+    {"temporal_norm": "softmax-identity", "temporal_logit_cap": 0.5},
     {"temporal_norm": "earlier-minus-self", "temporal_bias": True,
      "temporal_bias_init_std": 1.0, "scale": "sqrt_d", "residual": True},
 ]
@@ -170,6 +175,7 @@ GRADIENT_CASES = [
      "temporal_bias_init_std": 1.0, "temporal_norm": "softmax-identity"},
     {"scale": "sqrt_d", "residual": True, "temporal_heads": 2,
      "temporal_norm": "earlier-minus-self"},
+    {"residual": True, "temporal_norm": "softmax-identity", "temporal_logit_cap": 0.5},
 ]
 
 
@@ -284,7 +290,7 @@ def test_bad_config_names_the_key():
   for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap"),
                    ("temporal_norm", "signed"), ("temporal_bias_init", "eye"),
                    ("temporal_heads", 0),
-                   ("temporal_bias_init_std", -1.0)):
+                   ("temporal_bias_init_std", -1.0), ("temporal_logit_cap", -1.0)):
     good = config.model.ssa[key]
     config.model.ssa[key] = bad
     with pytest.raises(ValueError, match=f"config.model.ssa.{key}"):

@@ -111,19 +111,24 @@ def map_in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
 
 def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        scale: str, save_probs: bool,
-                       bias: Optional[jax.Array] = None) -> jax.Array:
+                       bias: Optional[jax.Array] = None,
+                       logit_cap: float = 0.0) -> jax.Array:
   """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(q k^T [+ bias]) v`.
 
   `bias`, `(N, T, T)` (or `(1, T, T)`, the same for every head), is added to each
-  head's logits. The T x T softmax is small, so with a bias it is written out in
-  float32 here rather than in `attend`.
+  head's logits. `logit_cap > 0` first bounds the content logits `l` to
+  `cap * tanh(l / cap)`. The T x T softmax is small, so with either it is written
+  out in float32 here rather than in `attend`.
   """
-  if bias is None:
+  if bias is None and not logit_cap:
     return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
   n, t, d = q.shape
   factor = 1.0 if scale == "none" else d ** -0.5
   logits = factor * jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
-  logits = (logits.reshape(-1, *bias.shape) + bias).reshape(n, t, t)
+  if logit_cap:
+    logits = logit_cap * jnp.tanh(logits / logit_cap)
+  if bias is not None:
+    logits = (logits.reshape(-1, *bias.shape) + bias).reshape(n, t, t)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bqk,bkd->bqd", weights, v)
 
@@ -167,6 +172,9 @@ class SeparableSelfAttention(nn.Module):
       (`M_T` masked to the frames before each frame: a difference with a
       direction in time; the first frame, with none before it, outputs 0). The
       last three are not in the paper.
+    temporal_logit_cap: above 0, the content logits `l` of `M_T` become
+      `cap * tanh(l / cap)` (not in the paper), so that no frame's weight can
+      approach 1 and `(M_T - I) v` cannot vanish; 0: unbounded (docs/ssa.md).
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -190,6 +198,7 @@ class SeparableSelfAttention(nn.Module):
   temporal_bias_init_std: float = 0.02
   temporal_bias_init: str = "random"
   temporal_norm: str = "softmax"
+  temporal_logit_cap: float = 0.0
   spatial_chunk: int = 0
   save_probs: bool = True
   dtype: Any = jnp.float32
@@ -222,7 +231,8 @@ class SeparableSelfAttention(nn.Module):
       mask = jnp.where(_MASKED_FRAMES[self.temporal_norm](t), _MASKED, 0.0)
       bias = mask[None] if bias is None else bias + mask
     temporal = functools.partial(temporal_attention, scale=self.scale,
-                                 save_probs=self.save_probs, bias=bias)
+                                 save_probs=self.save_probs, bias=bias,
+                                 logit_cap=self.temporal_logit_cap)
 
     frames = lambda a: a.reshape(b * t, h * w, a.shape[-1])
     x_hat = map_in_chunks(spatial, self.spatial_chunk, frames(q), frames(k), frames(v))
@@ -269,6 +279,7 @@ def default_config() -> ml_collections.ConfigDict:
       temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
       gate_init=0.0, reduction=1, temporal_heads=1, temporal_bias=False,
       temporal_bias_init_std=0.02, temporal_bias_init="random", temporal_norm="softmax",
+      temporal_logit_cap=0.0,
       **FAST_MEMORY_MODE))
 
 
@@ -307,6 +318,11 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       or cfg.temporal_bias_init_std < 0):
     raise ValueError(f"config.model.ssa.temporal_bias_init_std must be a number >= 0, "
                      f"got {cfg.temporal_bias_init_std!r}")
+  if (isinstance(cfg.temporal_logit_cap, bool)
+      or not isinstance(cfg.temporal_logit_cap, (int, float))
+      or cfg.temporal_logit_cap < 0):
+    raise ValueError(f"config.model.ssa.temporal_logit_cap must be a number >= 0 "
+                     f"(0: no cap), got {cfg.temporal_logit_cap!r}")
   for key in ("channel_branch", "shared_value", "residual", "temporal_bias",
               "save_probs"):
     if not isinstance(cfg[key], bool):
@@ -325,7 +341,8 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       temporal_heads=cfg.temporal_heads, temporal_bias=cfg.temporal_bias,
       temporal_bias_init_std=float(cfg.temporal_bias_init_std),
       temporal_bias_init=cfg.temporal_bias_init,
-      temporal_norm=cfg.temporal_norm, spatial_chunk=cfg.spatial_chunk,
+      temporal_norm=cfg.temporal_norm,
+      temporal_logit_cap=float(cfg.temporal_logit_cap), spatial_chunk=cfg.spatial_chunk,
       save_probs=cfg.save_probs, dtype=dtype)
 
 
