@@ -313,16 +313,11 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
     raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
                      f"got {cfg.spatial_chunk!r}")
-  if (isinstance(cfg.temporal_bias_init_std, bool)
-      or not isinstance(cfg.temporal_bias_init_std, (int, float))
-      or cfg.temporal_bias_init_std < 0):
-    raise ValueError(f"config.model.ssa.temporal_bias_init_std must be a number >= 0, "
-                     f"got {cfg.temporal_bias_init_std!r}")
-  if (isinstance(cfg.temporal_logit_cap, bool)
-      or not isinstance(cfg.temporal_logit_cap, (int, float))
-      or cfg.temporal_logit_cap < 0):
-    raise ValueError(f"config.model.ssa.temporal_logit_cap must be a number >= 0 "
-                     f"(0: no cap), got {cfg.temporal_logit_cap!r}")
+  for key in ("temporal_bias_init_std", "temporal_logit_cap"):
+    if (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))
+        or cfg[key] < 0):
+      raise ValueError(f"config.model.ssa.{key} must be a number >= 0, "
+                       f"got {cfg[key]!r}")
   for key in ("channel_branch", "shared_value", "residual", "temporal_bias",
               "save_probs"):
     if not isinstance(cfg[key], bool):
