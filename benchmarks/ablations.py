@@ -144,6 +144,15 @@ ROWS = {
                                 "SSA with y = (M_T - I) v and M_T's content logits "
                                 "bounded to (-2, 2): no frame's weight above 0.89, so "
                                 "the difference cannot vanish (not in the paper)"),
+    "ssa_cosine": ("synthetic_ssa", ("model.ssa.temporal_cosine_scale=10.0",),
+                   "SSA with M_T's logits the cosine of q^ and k^ times a learned "
+                   "per-head scale from 10 (Swin V2's cosine attention; not in the "
+                   "paper)"),
+    "ssa_minus_identity_cosine": ("synthetic_ssa",
+                                  ("model.ssa.temporal_norm=softmax-identity",
+                                   "model.ssa.temporal_cosine_scale=10.0"),
+                                  "SSA with y = (M_T - I) v and cosine logits times a "
+                                  "learned per-head scale from 10 (not in the paper)"),
     # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
     "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
                                               "model.ssa.shared_value=False"),

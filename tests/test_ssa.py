@@ -28,7 +28,8 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   residual=False, gate_init=0.0, reduction=1, temporal_heads=1,
                   temporal_bias=False, temporal_bias_init_std=0.02,
                   temporal_bias_init="random",
-                  temporal_norm="softmax", temporal_logit_cap=0.0, spatial_chunk=0,
+                  temporal_norm="softmax", temporal_logit_cap=0.0,
+                  temporal_cosine_scale=0.0, spatial_chunk=0,
                   save_probs=True, xp=np):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
@@ -71,7 +72,13 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
   # One T x T matrix per head, from the head's slice of channels.
   heads = lambda a: a.reshape(b, t, h, w, temporal_heads, d // temporal_heads)
   s_t = 1.0 if scale == "none" else (h * w * d // temporal_heads) ** -0.5
-  logits_t = xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t
+  if temporal_cosine_scale:  # cosine of each pair of frames, times a learned scale
+    unit = lambda a: a / xp.sqrt(xp.sum(a ** 2, axis=(2, 3, 5), keepdims=True))
+    scales = xp.minimum(xp.exp(p["temporal_log_scale"]), 100.0)
+    logits_t = xp.einsum("bthwnc,bshwnc->bnts", unit(heads(q_hat)),
+                         unit(heads(k_hat))) * scales[None, :, None, None]
+  else:
+    logits_t = xp.einsum("bthwnc,bshwnc->bnts", heads(q_hat), heads(k_hat)) * s_t
   if temporal_logit_cap:  # content logits bounded to (-cap, cap)
     logits_t = temporal_logit_cap * xp.tanh(logits_t / temporal_logit_cap)
   if temporal_bias:  # a learned (heads, T, T) matrix, the same for every clip
@@ -124,6 +131,10 @@ SWITCHES = [
     {"temporal_norm": "softmax-identity", "temporal_logit_cap": 0.5},
     {"temporal_norm": "earlier-minus-self", "temporal_bias": True,
      "temporal_bias_init_std": 1.0, "scale": "sqrt_d", "residual": True},
+    {"temporal_cosine_scale": 5.0, "temporal_heads": 4},
+    {"temporal_cosine_scale": 150.0},  # above MAX_COSINE_SCALE: the bound binds
+    {"temporal_cosine_scale": 2.0, "temporal_norm": "softmax-identity",
+     "temporal_bias": True, "temporal_bias_init_std": 1.0, "residual": True},
 ]
 switch_id = lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "paper"
 
@@ -176,6 +187,8 @@ GRADIENT_CASES = [
     {"scale": "sqrt_d", "residual": True, "temporal_heads": 2,
      "temporal_norm": "earlier-minus-self"},
     {"residual": True, "temporal_norm": "softmax-identity", "temporal_logit_cap": 0.5},
+    {"residual": True, "temporal_norm": "softmax-identity", "temporal_heads": 2,
+     "temporal_cosine_scale": 5.0},
 ]
 
 
@@ -290,17 +303,38 @@ def test_bad_config_names_the_key():
   for key, bad in (("temporal_kernel", 2), ("temporal_padding", "wrap"),
                    ("temporal_norm", "signed"), ("temporal_bias_init", "eye"),
                    ("temporal_heads", 0),
-                   ("temporal_bias_init_std", -1.0), ("temporal_logit_cap", -1.0)):
+                   ("temporal_bias_init_std", -1.0), ("temporal_logit_cap", -1.0),
+                   ("temporal_cosine_scale", -1.0)):
     good = config.model.ssa[key]
     config.model.ssa[key] = bad
     with pytest.raises(ValueError, match=f"config.model.ssa.{key}"):
       build_model(config)
     config.model.ssa[key] = good
   build_model(config)
+  config.model.ssa.temporal_logit_cap = 2.0
+  config.model.ssa.temporal_cosine_scale = 10.0
+  with pytest.raises(ValueError, match="temporal_logit_cap.*temporal_cosine_scale"):
+    build_model(config)
+  config.model.ssa.temporal_logit_cap = 0.0
+  build_model(config)
   with config.ignore_type():
     config.model.ssa.gate_init = "one"
   with pytest.raises(ValueError, match="config.model.ssa.gate_init"):
     build_model(config)
+
+
+def test_cosine_logits_ignore_the_magnitude_of_q_and_k():
+  """With `cosine_scale`, scaling any frame's q or k (here each by its own
+  positive factor) leaves `M_T` and the output unchanged; the dot product's do
+  change, which is what saturated SSA's M_T in training (docs/ssa.md)."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (4, 6, 10)) for i in range(3))
+  factors = jnp.exp(3.0 * jax.random.normal(jax.random.key(5), (2, 4, 6, 1)))
+  attend = functools.partial(ssa.temporal_attention, scale="sqrt_d", save_probs=True)
+  cosine = functools.partial(attend, cosine_scale=jnp.array([4.0, 8.0]))
+  np.testing.assert_allclose(cosine(factors[0] * q, factors[1] * k, v),
+                             cosine(q, k, v), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(attend(factors[0] * q, factors[1] * k, v), attend(q, k, v),
+                         atol=1e-2)
 
 
 def test_temporal_heads_that_do_not_divide_the_channels_are_refused():

@@ -40,6 +40,7 @@ with it is blind to frame order like TSN itself; the 3x1x1 conv is what sees ord
 """
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -55,6 +56,8 @@ from gta_jax.models import hooks
 SCALES = ("none", "sqrt_d")
 PADDINGS = ("zeros", "edge")
 TEMPORAL_NORMS = ("softmax", "softmax-identity", "others-minus-self", "earlier-minus-self")
+# Swin Transformer V2's bound on its cosine attention's learned scale (1 / 0.01).
+MAX_COSINE_SCALE = 100.0
 _MASKED = -1e30  # a logit whose softmax weight is exactly 0
 # The frames `s` that frame `t` may not attend to, as a (T, T) boolean [t, s].
 _MASKED_FRAMES = {
@@ -112,19 +115,30 @@ def map_in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
 def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        scale: str, save_probs: bool,
                        bias: Optional[jax.Array] = None,
-                       logit_cap: float = 0.0) -> jax.Array:
+                       logit_cap: float = 0.0,
+                       cosine_scale: Optional[jax.Array] = None) -> jax.Array:
   """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(q k^T [+ bias]) v`.
 
   `bias`, `(N, T, T)` (or `(1, T, T)`, the same for every head), is added to each
   head's logits. `logit_cap > 0` first bounds the content logits `l` to
-  `cap * tanh(l / cap)`. The T x T softmax is small, so with either it is written
+  `cap * tanh(l / cap)`. `cosine_scale`, `(N,)`, replaces the content logits by
+  the cosine of each pair of frames' `q` and `k` times the head's scale (`scale`
+  is then unused). The T x T softmax is small, so with any of these it is written
   out in float32 here rather than in `attend`.
   """
-  if bias is None and not logit_cap:
+  if bias is None and not logit_cap and cosine_scale is None:
     return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
   n, t, d = q.shape
-  factor = 1.0 if scale == "none" else d ** -0.5
-  logits = factor * jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
+  if cosine_scale is None:
+    factor = 1.0 if scale == "none" else d ** -0.5
+    logits = factor * jnp.einsum("bqd,bkd->bqk", q, k,
+                                 preferred_element_type=jnp.float32)
+  else:
+    unit = lambda a: a * jax.lax.rsqrt(
+        jnp.sum(jnp.square(a.astype(jnp.float32)), axis=-1, keepdims=True) + 1e-12)
+    logits = jnp.einsum("bqd,bkd->bqk", unit(q), unit(k))
+    logits = (logits.reshape(-1, cosine_scale.shape[0], t, t)
+              * cosine_scale[:, None, None]).reshape(n, t, t)
   if logit_cap:
     logits = logit_cap * jnp.tanh(logits / logit_cap)
   if bias is not None:
@@ -175,6 +189,13 @@ class SeparableSelfAttention(nn.Module):
     temporal_logit_cap: above 0, the content logits `l` of `M_T` become
       `cap * tanh(l / cap)` (not in the paper), so that no frame's weight can
       approach 1 and `(M_T - I) v` cannot vanish; 0: unbounded (docs/ssa.md).
+    temporal_cosine_scale: above 0, the content logits of `M_T` are the cosine
+      of two frames' `q_hat` and `k_hat` (each a head's H*W*C/heads numbers)
+      times a learned per-head scale (`temporal_log_scale`, its log) that starts
+      here and is kept at most :data:`MAX_COSINE_SCALE` (not in the paper; Swin
+      Transformer V2's scaled cosine attention): the dot product's logits grow
+      with the square of the features' magnitude and saturated `M_T` to one-hot
+      rows in training (docs/ssa.md). 0: the dot product, scaled by `scale`.
     spatial_chunk: frames per step of the spatial attention (`lax.map` over
       chunks of the B*T frames), so that only that many HW x HW score matrices
       exist at once, in the forward and in the backward pass; 0: all frames.
@@ -199,6 +220,7 @@ class SeparableSelfAttention(nn.Module):
   temporal_bias_init: str = "random"
   temporal_norm: str = "softmax"
   temporal_logit_cap: float = 0.0
+  temporal_cosine_scale: float = 0.0
   spatial_chunk: int = 0
   save_probs: bool = True
   dtype: Any = jnp.float32
@@ -230,9 +252,16 @@ class SeparableSelfAttention(nn.Module):
     if self.temporal_norm in _MASKED_FRAMES:
       mask = jnp.where(_MASKED_FRAMES[self.temporal_norm](t), _MASKED, 0.0)
       bias = mask[None] if bias is None else bias + mask
+    cosine_scale = None
+    if self.temporal_cosine_scale:
+      log_scale = self.param(
+          "temporal_log_scale", nn.initializers.constant(
+              math.log(self.temporal_cosine_scale)), (heads,), jnp.float32)
+      cosine_scale = jnp.exp(jnp.minimum(log_scale, math.log(MAX_COSINE_SCALE)))
     temporal = functools.partial(temporal_attention, scale=self.scale,
                                  save_probs=self.save_probs, bias=bias,
-                                 logit_cap=self.temporal_logit_cap)
+                                 logit_cap=self.temporal_logit_cap,
+                                 cosine_scale=cosine_scale)
 
     frames = lambda a: a.reshape(b * t, h * w, a.shape[-1])
     x_hat = map_in_chunks(spatial, self.spatial_chunk, frames(q), frames(k), frames(v))
@@ -279,7 +308,7 @@ def default_config() -> ml_collections.ConfigDict:
       temporal_kernel=3, temporal_padding="zeros", scale="none", residual=False,
       gate_init=0.0, reduction=1, temporal_heads=1, temporal_bias=False,
       temporal_bias_init_std=0.02, temporal_bias_init="random", temporal_norm="softmax",
-      temporal_logit_cap=0.0,
+      temporal_logit_cap=0.0, temporal_cosine_scale=0.0,
       **FAST_MEMORY_MODE))
 
 
@@ -313,7 +342,7 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
   if not isinstance(cfg.spatial_chunk, int) or cfg.spatial_chunk < 0:
     raise ValueError(f"config.model.ssa.spatial_chunk must be an int >= 0, "
                      f"got {cfg.spatial_chunk!r}")
-  for key in ("temporal_bias_init_std", "temporal_logit_cap"):
+  for key in ("temporal_bias_init_std", "temporal_logit_cap", "temporal_cosine_scale"):
     if (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))
         or cfg[key] < 0):
       raise ValueError(f"config.model.ssa.{key} must be a number >= 0, "
@@ -323,6 +352,11 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"config.model.ssa.{key} must be True or False, "
                        f"got {cfg[key]!r}")
+  if cfg.temporal_logit_cap and cfg.temporal_cosine_scale:
+    raise ValueError(
+        "config.model.ssa.temporal_logit_cap bounds dot-product logits; cosine logits "
+        "(config.model.ssa.temporal_cosine_scale) are bounded by their scale: set one "
+        f"of them to 0 (got {cfg.temporal_logit_cap} and {cfg.temporal_cosine_scale})")
   if cfg.save_probs and cfg.spatial_chunk:
     raise ValueError(
         "config.model.ssa.save_probs keeps every frame's softmax for the backward "
@@ -337,7 +371,9 @@ def build(cfg: ml_collections.ConfigDict, dtype: Any):
       temporal_bias_init_std=float(cfg.temporal_bias_init_std),
       temporal_bias_init=cfg.temporal_bias_init,
       temporal_norm=cfg.temporal_norm,
-      temporal_logit_cap=float(cfg.temporal_logit_cap), spatial_chunk=cfg.spatial_chunk,
+      temporal_logit_cap=float(cfg.temporal_logit_cap),
+      temporal_cosine_scale=float(cfg.temporal_cosine_scale),
+      spatial_chunk=cfg.spatial_chunk,
       save_probs=cfg.save_probs, dtype=dtype)
 
 
