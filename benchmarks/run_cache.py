@@ -9,8 +9,10 @@ the resolved config (:func:`recipe`). A cached run stands for its row as long as
 overrides are the row's and no key of its recipe has changed value
 (:func:`is_current`): a change of recipe in `configs/` or `gta_jax/config_lib.py`,
 or of the version of the dataset's builder (recorded as :data:`VERSION_KEY`),
-retires the runs it invalidates, while a key added later (which keeps the old
-behaviour) does not, nor do the settings of a temporal module the row does not use.
+retires the runs it invalidates. A key added later is not compared with a run
+recorded before it, unless :data:`UNRECORDED_KEYS` says what such runs ran with (a
+recipe that sets a new key away from the old behaviour must list it there), nor are
+the settings of a temporal module the row does not use.
 The generated docs are rebuilt from the current runs (:func:`load_runs`); a summary
 goes between two marker lines of a hand-written page (:func:`replace_block`).
 """
@@ -45,6 +47,11 @@ VERSION_KEY = "data.builder_version"
 # without :data:`VERSION_KEY` is read as built at these.
 UNRECORDED_VERSIONS = {"synthetic_motion": "2.0.0", "synthetic_captions": "1.0.0",
                        "synthetic_long": "1.0.0"}
+# Keys added after runs were recorded, with the value every run before them had in
+# effect, where a recipe sets the key to something else: such runs are then retired.
+# (Non-local never sub-sampled before `sub_sample`, whose default is the released
+# True; SSA's logits were dot products before `temporal_cosine_scale`.)
+UNRECORDED_KEYS = {"model.nl.sub_sample": False, "model.ssa.temporal_cosine_scale": 0.0}
 
 # Row name -> (config file name, overrides, ...).
 Rows = Mapping[str, Sequence[Any]]
@@ -96,14 +103,19 @@ def recipe(config_name: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
 
 
 def changed_keys(run: Dict, current: Dict[str, Any]) -> List[str]:
-  """The keys whose value in the run's recorded recipe differs from `current`'s;
-  keys only one of them has are not compared (a new key keeps the old behaviour), nor
-  are :data:`NUMERICS_KEYS`; a run without :data:`VERSION_KEY` has the version of
-  :data:`UNRECORDED_VERSIONS`, where that lists its dataset."""
+  """The keys whose value in the run's recorded recipe differs from `current`'s.
+
+  A key that only one of them has is not compared (a key added after the run),
+  except that a run lacking a key of :data:`UNRECORDED_KEYS` has the value listed
+  there; nor are :data:`NUMERICS_KEYS`. A run without :data:`VERSION_KEY` has the
+  version of :data:`UNRECORDED_VERSIONS`, where that lists its dataset.
+  """
   recorded = dict(run["recipe"])
   dataset = recorded.get("data.dataset")
   if VERSION_KEY not in recorded and dataset in UNRECORDED_VERSIONS:
     recorded[VERSION_KEY] = UNRECORDED_VERSIONS[dataset]
+  for key, value in UNRECORDED_KEYS.items():
+    recorded.setdefault(key, value)
   return sorted(k for k, v in recorded.items()
                 if k in current and current[k] != v and k not in NUMERICS_KEYS)
 

@@ -157,6 +157,19 @@ def test_runs_of_an_older_recipe_are_stale(tmp_path):
   assert sorted(r["seed"] for r in runs["gta"]) == [1, 2]
 
 
+def test_a_run_older_than_a_listed_key_ran_with_its_old_value():
+  """A run recorded before a key of run_cache.UNRECORDED_KEYS existed counts as
+  having its listed value: current while the recipe keeps it, stale when not."""
+  key = "model.ssa.temporal_cosine_scale"
+  assert run_cache.UNRECORDED_KEYS[key] == 0.0
+  run = _run("ssa", 0, 0.9)
+  current = _recipe("ssa")
+  del run["recipe"][key]
+  assert run_cache.changed_keys(run, dict(current, **{key: 0.0})) == []
+  assert run_cache.changed_keys(run, dict(current, **{key: 10.0})) == [key]
+  assert run_cache.changed_keys(run, dict(current, **{"model.ssa.new_key": 1})) == []
+
+
 def test_readme_block_is_replaced_and_the_rest_kept():
   runs = {"gta": [_run("gta", 1, 0.9), _run("gta", 0, 0.8)],
           "gta_pixel": [_run("gta_pixel", 0, 0.7)]}  # not a README row
