@@ -54,7 +54,8 @@ ROWS = {
             "GTA alone, the default recipe (after res4, grouped heads)"),
     "tsn": ("synthetic_tsn", (), "TSN, no temporal module"),
     "tsm": ("synthetic_tsm", (), "TSM shift in every block"),
-    "ssa": ("synthetic_ssa", (), "SSA alone, the default recipe (8 temporal heads)"),
+    "ssa": ("synthetic_ssa", (), "SSA alone, the default recipe (8 temporal heads, "
+            "y = (M_T - I) v, cosine logits)"),
     "ssa_one_head": ("synthetic_ssa", ("model.ssa.temporal_heads=1",),
                      "SSA, the paper's single temporal attention"),
     "gta_instance": ("synthetic_gta", ("model.gta.temporal_attention=instance",),
@@ -104,59 +105,13 @@ ROWS = {
     "gta_res3_pool_keys": ("synthetic_gta", ("model.gta.placement=res3:0",
                                              "model.gta.pool_keys=True"),
                            "GTA after res3 block 0 only, on 2x2 max-pooled keys"),
-    "ssa_gate0": ("synthetic_ssa", ("model.ssa.gate_init=0.0",),
-                  "SSA, output BN scale starting at 0"),
-    "ssa_separate_value": ("synthetic_ssa", ("model.ssa.shared_value=False",),
-                           "SSA, the temporal conv also gives the value (no SVE)"),
     "ssa_kernel1": ("synthetic_ssa", ("model.ssa.temporal_kernel=1",),
                     "SSA, 1x1x1 temporal conv (blind to order)"),
-    "ssa_temporal_bias": ("synthetic_ssa", ("model.ssa.temporal_bias=True",
-                                            "model.ssa.temporal_bias_init_std=1.0"),
-                          "SSA with a learned T x T bias of M_T's logits (GTA's G, "
-                          "init std 1, lr x20; not in the paper)"),
-    "ssa_bias_identity": ("synthetic_ssa", ("model.ssa.temporal_bias=True",
-                                            "model.ssa.temporal_bias_init=identity"),
-                          "SSA with a learned T x T bias of M_T's logits starting near "
-                          "the identity (as `gta_identity_init`; not in the paper)"),
-    "ssa_minus_identity": ("synthetic_ssa", ("model.ssa.temporal_norm=softmax-identity",),
-                           "SSA with y = (M_T - I) v: the blend of frames minus the "
-                           "frame itself (GTA's default norm; not in the paper)"),
-    "ssa_others_minus_self": ("synthetic_ssa",
-                              ("model.ssa.temporal_norm=others-minus-self",),
-                              "SSA with y = (M_T - I) v, M_T's diagonal masked: the "
-                              "blend of the other frames minus the frame (not in the "
-                              "paper)"),
-    "ssa_bias_others_minus_self": ("synthetic_ssa",
-                                   ("model.ssa.temporal_norm=others-minus-self",
-                                    "model.ssa.temporal_bias=True",
-                                    "model.ssa.temporal_bias_init_std=1.0"),
-                                   "SSA with y = (M_T - I) v, M_T's diagonal masked and "
-                                   "a learned T x T bias of its logits: GTA's "
-                                   "softmax(G) - I with content (not in the paper)"),
-    "ssa_earlier_minus_self": ("synthetic_ssa",
-                               ("model.ssa.temporal_norm=earlier-minus-self",),
-                               "SSA with y = (M_T - I) v, M_T masked to the earlier "
-                               "frames: the blend of the frames before minus the frame, "
-                               "a difference with a direction (not in the paper)"),
-    "ssa_minus_identity_cap2": ("synthetic_ssa",
-                                ("model.ssa.temporal_norm=softmax-identity",
-                                 "model.ssa.temporal_logit_cap=2.0"),
-                                "SSA with y = (M_T - I) v and M_T's content logits "
-                                "bounded to (-2, 2): no frame's weight above 0.89, so "
-                                "the difference cannot vanish (not in the paper)"),
-    "ssa_cosine": ("synthetic_ssa", ("model.ssa.temporal_cosine_scale=10.0",),
-                   "SSA with M_T's logits the cosine of q^ and k^ times a learned "
-                   "per-head scale from 10 (Swin V2's cosine attention; not in the "
-                   "paper)"),
-    "ssa_minus_identity_cosine": ("synthetic_ssa",
-                                  ("model.ssa.temporal_norm=softmax-identity",
-                                   "model.ssa.temporal_cosine_scale=10.0"),
-                                  "SSA with y = (M_T - I) v and cosine logits times a "
-                                  "learned per-head scale from 10 (not in the paper)"),
-    # Runs of earlier recipes (see below for the GTA rows). Before 8 SSA heads:
-    "ssa1_separate_value": ("synthetic_ssa", ("model.ssa.temporal_heads=1",
-                                              "model.ssa.shared_value=False"),
-                            "one-head SSA, the temporal conv also gives the value"),
+    "ssa_softmax": ("synthetic_ssa", ("model.ssa.temporal_norm=softmax",),
+                    "SSA with the paper's y = M_T v instead of (M_T - I) v"),
+    "ssa_dot": ("synthetic_ssa", ("model.ssa.temporal_cosine_scale=0.0",),
+                "SSA with the paper's dot-product logits of M_T (over sqrt(d)) "
+                "instead of scaled cosines"),
 }
 
 
@@ -181,10 +136,56 @@ ROWS.update(_earlier_recipe(
 ROWS["r34_nl3d"] = ("synthetic_nl", ("model.nl.kind=3d",
                                      "model.nl.placement=res3:0;res4:0"),
                     "joint space-time (3D) Non-local after res3 and res4")
+# SSA's recipe until 2026-12-07: the paper's dot-product logits of M_T and y = M_T v
+# (as the paper). Its rows: `dot_<row>`, the row's switch on that recipe.
+DOT_PRODUCT = ("model.ssa.temporal_cosine_scale=0.0",)
+_DOT_PRODUCT_ROWS = {
+    "ssa": ((), "SSA alone (8 temporal heads)"),
+    "ssa_one_head": (("model.ssa.temporal_heads=1",),
+                     "SSA, the paper's single temporal attention"),
+    "ssa_gate0": (("model.ssa.gate_init=0.0",), "SSA, output BN scale starting at 0"),
+    "ssa_separate_value": (("model.ssa.shared_value=False",),
+                           "SSA, the temporal conv also gives the value (no SVE)"),
+    "ssa_kernel1": (("model.ssa.temporal_kernel=1",),
+                    "SSA, 1x1x1 temporal conv (blind to order)"),
+    "ssa_temporal_bias": (("model.ssa.temporal_bias=True",
+                           "model.ssa.temporal_bias_init_std=1.0"),
+                          "SSA with a learned T x T bias of M_T's logits (GTA's G, init "
+                          "std 1, lr x20; not in the paper)"),
+    "ssa_bias_identity": (("model.ssa.temporal_bias=True",
+                           "model.ssa.temporal_bias_init=identity"),
+                          "SSA with a learned T x T bias of M_T's logits starting near "
+                          "the identity (as `gta_identity_init`; not in the paper)"),
+    "ssa_others_minus_self": (("model.ssa.temporal_norm=others-minus-self",),
+                              "SSA with y = (M_T - I) v, M_T's diagonal masked: the "
+                              "blend of the other frames minus the frame (not in the "
+                              "paper)"),
+    "ssa_bias_others_minus_self": (("model.ssa.temporal_norm=others-minus-self",
+                                    "model.ssa.temporal_bias=True",
+                                    "model.ssa.temporal_bias_init_std=1.0"),
+                                   "SSA with y = (M_T - I) v, M_T's diagonal masked and a "
+                                   "learned T x T bias of its logits: GTA's softmax(G) - I "
+                                   "with content (not in the paper)"),
+    "ssa_earlier_minus_self": (("model.ssa.temporal_norm=earlier-minus-self",),
+                               "SSA with y = (M_T - I) v, M_T masked to the earlier "
+                               "frames: a difference with a direction (not in the paper)"),
+    "ssa_minus_identity_cap2": (("model.ssa.temporal_norm=softmax-identity",
+                                 "model.ssa.temporal_logit_cap=2.0"),
+                                "SSA with y = (M_T - I) v and M_T's content logits "
+                                "bounded to (-2, 2) (not in the paper)"),
+    # Before 8 SSA heads (2026-12-01):
+    "ssa1_separate_value": (("model.ssa.temporal_heads=1", "model.ssa.shared_value=False"),
+                            "one-head SSA, the temporal conv also gives the value"),
+}
+ROWS.update({
+    f"dot_{row}": ("synthetic_ssa", DOT_PRODUCT + (
+        () if any(o.startswith("model.ssa.temporal_norm=") for o in overrides)
+        else ("model.ssa.temporal_norm=softmax",)) + overrides,
+                   f"{what}; dot-product logits (the recipe until 2026-12-07)")
+    for row, (overrides, what) in _DOT_PRODUCT_ROWS.items()})
 # Rows of recipes that are no longer the default: kept in the table, never asked for
 # a second seed.
-EARLIER_RECIPE_ROWS = ("ssa1_separate_value",) + tuple(
-    r for r in ROWS if r.startswith(("xc_", "r34_")))
+EARLIER_RECIPE_ROWS = tuple(r for r in ROWS if r.startswith(("xc_", "r34_", "dot_")))
 
 # What the project aims to show on the second task: GTA alone beats TSM where the
 # dependency is long, i.e. on the long-range order pairs.

@@ -1,11 +1,14 @@
 """benchmarks/ablations.py's bookkeeping (with benchmarks/run_cache.py's) and
-benchmarks/real_videos.py's folder."""
+benchmarks/real_videos.py's folder and benchmarks/ssa_temporal.py's report."""
 
+import functools
 import json
 import os
 import sys
 
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,8 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import ablations  # pylint: disable=g-import-not-at-top,wrong-import-position
 import real_videos  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ssa_temporal  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from gta_jax.data import video_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gta_jax.models import build_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +168,11 @@ def test_a_run_older_than_a_listed_key_ran_with_its_old_value():
   key = "model.ssa.temporal_cosine_scale"
   assert run_cache.UNRECORDED_KEYS[key] == 0.0
   run = _run("ssa", 0, 0.9)
-  current = _recipe("ssa")
+  older = dict(_recipe("ssa"), **{key: 0.0})  # the recipe before cosine logits
   del run["recipe"][key]
-  assert run_cache.changed_keys(run, dict(current, **{key: 0.0})) == []
-  assert run_cache.changed_keys(run, dict(current, **{key: 10.0})) == [key]
-  assert run_cache.changed_keys(run, dict(current, **{"model.ssa.new_key": 1})) == []
+  assert run_cache.changed_keys(run, older) == []
+  assert run_cache.changed_keys(run, dict(older, **{key: 10.0})) == [key]
+  assert run_cache.changed_keys(run, dict(older, **{"model.ssa.new_key": 1})) == []
 
 
 def test_readme_block_is_replaced_and_the_rest_kept():
@@ -235,3 +240,24 @@ def test_a_run_of_another_builder_version_is_stale():
   run = _run("gta", 0, 0.9)
   del run["recipe"][key]  # synthetic_motion, still at the version runs began with
   assert run_cache.changed_keys(run, _recipe("gta")) == []
+
+
+@pytest.mark.parametrize("overrides, saturated", [
+    (("model.ssa.temporal_cosine_scale=0.0", "model.ssa.scale=none"), True),
+    ((), False),  # the recipe: cosines times 10
+])
+def test_ssa_temporal_sees_saturated_dot_products(overrides, saturated):
+  """benchmarks/ssa_temporal.py at init: the paper's unscaled dot products give
+  one-hot rows of M_T (docs/ssa.md); the recipe's cosine logits stay within their
+  scale, 10, and do not."""
+  config = run_cache.load_config("synthetic_ssa", overrides)
+  model = build_model(config)
+  video = jax.random.randint(jax.random.key(0), (2, 8, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), video)
+  report = ssa_temporal.temporal_report(config, variables, video)
+  assert sorted(report) == ["res4_block0", "res5_block0"]
+  for stats in report.values():
+    assert (stats["one_hot_rows"] > 0.5) == saturated, stats
+    assert len(stats["heads_pick"]) == config.model.ssa.temporal_heads
+    if not saturated:
+      assert stats["logit_abs_max"] <= 10.0 + 1e-4

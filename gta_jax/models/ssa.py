@@ -112,22 +112,12 @@ def map_in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
   return out.reshape(-1, *out.shape[2:])[:n]
 
 
-def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                       scale: str, save_probs: bool,
-                       bias: Optional[jax.Array] = None,
-                       logit_cap: float = 0.0,
-                       cosine_scale: Optional[jax.Array] = None) -> jax.Array:
-  """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(q k^T [+ bias]) v`.
-
-  `bias`, `(N, T, T)` (or `(1, T, T)`, the same for every head), is added to each
-  head's logits. `logit_cap > 0` first bounds the content logits `l` to
-  `cap * tanh(l / cap)`. `cosine_scale`, `(N,)`, replaces the content logits by
-  the cosine of each pair of frames' `q` and `k` times the head's scale (`scale`
-  is then unused). The T x T softmax is small, so with any of these it is written
-  out in float32 here rather than in `attend`.
-  """
-  if bias is None and not logit_cap and cosine_scale is None:
-    return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
+def temporal_logits(q: jax.Array, k: jax.Array, *, scale: str, logit_cap: float = 0.0,
+                    cosine_scale: Optional[jax.Array] = None) -> jax.Array:
+  """The content logits of `M_T`, float32 `(B * N, T, T)`, of `(B * N, T, D)` clips
+  of `N` heads: `q k^T` scaled by `scale`, or with `cosine_scale`, `(N,)`, the
+  cosine of each pair of frames' `q` and `k` times the head's scale (`scale` is
+  then unused); `logit_cap > 0` then bounds them to `cap * tanh(l / cap)`."""
   n, t, d = q.shape
   if cosine_scale is None:
     factor = 1.0 if scale == "none" else d ** -0.5
@@ -141,6 +131,26 @@ def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               * cosine_scale[:, None, None]).reshape(n, t, t)
   if logit_cap:
     logits = logit_cap * jnp.tanh(logits / logit_cap)
+  return logits
+
+
+def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       scale: str, save_probs: bool,
+                       bias: Optional[jax.Array] = None,
+                       logit_cap: float = 0.0,
+                       cosine_scale: Optional[jax.Array] = None) -> jax.Array:
+  """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(logits [+ bias]) v`.
+
+  The logits are :func:`temporal_logits`'; `bias`, `(N, T, T)` (or `(1, T, T)`,
+  the same for every head), is added to each head's. Plain dot products without a
+  bias go through `attend`; otherwise the T x T softmax, small, is written out in
+  float32 here.
+  """
+  if bias is None and not logit_cap and cosine_scale is None:
+    return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
+  n, t, _ = q.shape
+  logits = temporal_logits(q, k, scale=scale, logit_cap=logit_cap,
+                           cosine_scale=cosine_scale)
   if bias is not None:
     logits = (logits.reshape(-1, *bias.shape) + bias).reshape(n, t, t)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
