@@ -15,9 +15,9 @@ less the seed and data directory) and a `note` where a run needs one. A cached r
 skipped (`--force` re-runs it) unless it is stale: its overrides differ from the
 row's definition, or its recipe has another value for a key that the row's config
 still has. So a change of recipe in `configs/` or `gta_jax/config_lib.py` retires the
-runs it invalidates, while a key added later with a value that keeps the old
-behaviour does not, nor do the settings of a temporal module that the row does not
-use. Stale runs are re-run and left out of the table. The table in
+runs it invalidates, while a key added later does not unless the recipe sets it away
+from the old behaviour (`run_cache.UNRECORDED_KEYS`), nor do the settings of a
+temporal module that the row does not use. Stale runs are re-run and left out of the table. The table in
 `docs/ablations.md` is regenerated from every cached run after each run, with the
 verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAIMS`),
 on each task; the hand-written design of the second task (between :data:`DESIGN_BEGIN`

@@ -230,7 +230,7 @@ def synthetic_config(temporal_modules: str = "") -> ml_collections.ConfigDict:
   c.model.ssa.residual = True  # x + BN(y)
   c.model.ssa.gate_init = 1.0  # trained from scratch: no identity needed at init
   # 8 temporal heads, each mixing its own channels, instead of the paper's one
-  # (docs/ablations.md, rows `ssa` and `ssa_one_head`).
+  # (docs/ablations.md, rows `dot_ssa` and `dot_ssa_one_head`).
   c.model.ssa.temporal_heads = 8
   # y = (M_T - I) v, and M_T's logits the cosine of q^ and k^ times a learned
   # per-head scale from 10 (neither in the paper): 0.984 / 0.984 / 0.996 val top-1

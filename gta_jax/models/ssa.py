@@ -17,6 +17,10 @@ block's own shortcut stays. On `x: (B, T, H, W, C)`:
    the same with `M_T`'s diagonal masked, so that each frame's output is the
    blend of the *other* frames minus the frame itself, and `'earlier-minus-self'`
    the blend of the *earlier* frames minus the frame (0 for the first frame).
+   Also not in the paper: `temporal_cosine_scale > 0` makes `M_T`'s logits the
+   cosine of two frames' `q_hat` and `k_hat` times a learned per-head scale
+   (Swin Transformer V2), which, unlike the dot product, does not grow with the
+   features' magnitude (docs/ssa.md, "The saturated M_T").
 
 Every softmax goes through :func:`gta_jax.models.attention.attend` (f32 logits
 and softmax under bf16). Two memory modes:
