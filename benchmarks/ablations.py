@@ -17,11 +17,11 @@ row's definition, or its recipe has another value for a key that the row's confi
 still has. So a change of recipe in `configs/` or `gta_jax/config_lib.py` retires the
 runs it invalidates, while a key added later does not unless the recipe sets it away
 from the old behaviour (`run_cache.UNRECORDED_KEYS`), nor do the settings of a
-temporal module that the row does not use. Stale runs are re-run and left out of the table. The table in
-`docs/ablations.md` is regenerated from every cached run after each run, with the
-verdict on each claim of the GTA abstract computed from the numbers (:data:`CLAIMS`),
-on each task; the hand-written design of the second task (between :data:`DESIGN_BEGIN`
-and :data:`DESIGN_END`) is kept as it is in the page.
+temporal module that the row does not use. Stale runs are re-run and left out of the
+table. The table in `docs/ablations.md` is regenerated from every cached run after
+each run, with the verdict on each claim of the GTA abstract computed from the
+numbers (:data:`CLAIMS`), on each task; the hand-written design of the second task
+(between :data:`DESIGN_BEGIN` and :data:`DESIGN_END`) is kept as it is in the page.
 The cache's bookkeeping (recipes, staleness, commands) is `run_cache.py`'s.
 """
 
@@ -138,8 +138,8 @@ ROWS.update(_earlier_recipe(
 ROWS["r34_nl3d"] = ("synthetic_nl", ("model.nl.kind=3d",
                                      "model.nl.placement=res3:0;res4:0"),
                     "joint space-time (3D) Non-local after res3 and res4")
-# SSA's recipe until 2026-12-07: the paper's dot-product logits of M_T and y = M_T v
-# (as the paper). Its rows: `dot_<row>`, the row's switch on that recipe.
+# SSA's recipe until 2026-12-07 had the paper's dot-product logits of M_T and its
+# y = M_T v; the rows `dot_<row>` are the row's switches on that recipe.
 DOT_PRODUCT = ("model.ssa.temporal_cosine_scale=0.0",)
 _DOT_PRODUCT_ROWS = {
     "ssa": ((), "SSA alone (8 temporal heads)"),
