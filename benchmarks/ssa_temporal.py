@@ -50,14 +50,12 @@ def layer_stats(params, q_hat, k_hat, module) -> dict:
   cosine_scale = None
   if module.temporal_cosine_scale:
     cosine_scale = np.minimum(np.exp(params["temporal_log_scale"]), ssa.MAX_COSINE_SCALE)
-  logits = np.asarray(ssa.temporal_logits(
-      clips(q_hat), clips(k_hat), scale=module.scale,
-      logit_cap=module.temporal_logit_cap, cosine_scale=cosine_scale), np.float64)
-  full = logits.reshape(b, heads, t, t)
-  if module.temporal_bias:
-    full = full + np.asarray(params[gta.GLOBAL_LOGITS], np.float64)[None]
-  weights = np.exp(full - full.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
+  q, k = clips(q_hat), clips(k_hat)
+  kwargs = dict(scale=module.scale, logit_cap=module.temporal_logit_cap,
+                cosine_scale=cosine_scale)
+  logits = np.asarray(ssa.temporal_logits(q, k, **kwargs), np.float64)
+  weights = np.asarray(ssa.temporal_weights(
+      q, k, bias=params.get(gta.GLOBAL_LOGITS), **kwargs)).reshape(b, heads, t, t)
   largest = weights.max(-1)
   picks = weights.argmax(-1).transpose(1, 0, 2).reshape(heads, -1)  # head, rows
   def favourite(rows):

@@ -1,13 +1,21 @@
 r"""Pictures of a training run: curves, learned temporal attention, sampled clips.
 
   python -m gta_jax.visualize --workdir DIR --out DIR [--checkpoint_step latest|best|N]
+      [--clips 16] [--data_dir DIR]
 
 writes `OUT/training_curves.png` (loss, accuracy and learning rate from
-`DIR/metrics.jsonl`) and, for a model with GTA layers, one
-`OUT/attention_<layer>.png` per layer: the learned global temporal attention
-`A_h` of every head `h` as a T x T heatmap (row `t`: how much frame `t` takes from
-each frame `t'`), `softmax(G_h)` or the variant the run's
-`config.model.gta.global_norm` names (docs/gta.md).
+`DIR/metrics.jsonl`) and one `OUT/attention_<layer>.png` per temporal attention
+layer, each head's T x T matrix as a heatmap (row `t`: how much frame `t` takes
+from each frame `t'`):
+
+* GTA: the learned global temporal attention `A_h`, `softmax(G_h)` or the variant
+  the run's `config.model.gta.global_norm` names (docs/gta.md); a parameter, read
+  from the checkpoint alone.
+* SSA: the softmax `M_T` (masked as the run's `config.model.ssa.temporal_norm`
+  masks it; that norm may apply `M_T - I` to the value), which depends on the
+  clip: its mean over the first `--clips` validation clips of the run's dataset
+  (the run's `config.data.data_dir`, or `--data_dir`), through the model rebuilt
+  from the config saved with the checkpoint.
 
 The figure functions return `matplotlib.figure.Figure`s built without pyplot, so
 that they display inline in a notebook (`display(fig)`) and save anywhere.
@@ -93,6 +101,26 @@ def training_curves_figure(rows: Sequence[Dict[str, Any]], title: str = ""):
 # Attention --------------------------------------------------------------------------------
 
 
+def _open_checkpoint(workdir: str, step: Union[int, str]):
+  """`(Checkpointer, the chosen step)`; the caller closes it.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or not that step) in `workdir`.
+  """
+  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  directory = checkpoint.checkpoint_dir(workdir)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  chosen = {"latest": ckpt.latest_step, "best": ckpt.best_step}.get(step, lambda: step)()
+  if chosen is None or chosen not in steps:
+    ckpt.close()
+    raise FileNotFoundError(f"no checkpoint {'' if chosen is None else chosen} in "
+                            f"{directory} (saved steps: {sorted(steps)})")
+  return ckpt, int(chosen)
+
+
 def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
                         ) -> Tuple[Dict[str, np.ndarray], int]:
   """The learned global temporal attention of a checkpoint's GTA layers.
@@ -112,17 +140,8 @@ def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from gta_jax.models import gta  # pylint: disable=g-import-not-at-top
-  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = checkpoint.checkpoint_dir(workdir)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  ckpt, chosen = _open_checkpoint(workdir, step)
   try:
-    steps = ckpt.all_steps()
-    chosen = {"latest": ckpt.latest_step, "best": ckpt.best_step}.get(step, lambda: step)()
-    if chosen is None or chosen not in steps:
-      raise FileNotFoundError(f"no checkpoint {'' if chosen is None else chosen} in "
-                              f"{directory} (saved steps: {sorted(steps)})")
     restored = ckpt.manager.restore(
         chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     global_norm = ckpt.saved_config(chosen)["model"].get("gta", {}).get(
@@ -131,7 +150,65 @@ def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
     ckpt.close()
   maps = gta.global_attention_maps({"params": restored["state"]["params"]},
                                    global_norm)
-  return {name: np.asarray(m) for name, m in maps.items()}, int(chosen)
+  return {name: np.asarray(m) for name, m in maps.items()}, chosen
+
+
+def load_ssa_maps(workdir: str, step: Union[int, str] = "latest", clips: int = 16,
+                  data_dir: str = "") -> Tuple[Dict[str, np.ndarray], int, str]:
+  """The temporal attention of a checkpoint's SSA layers, averaged over clips.
+
+  Args:
+    workdir: a training run's directory.
+    step: a step number, 'latest' or 'best' (highest validation top-1).
+    clips: how many validation clips (the first of the split, first view each).
+    data_dir: where the dataset is prepared; '' for the run's `config.data.data_dir`.
+
+  Returns:
+    `({layer path: (heads, T, T) mean M_T}, step, what)`: the weights `M_T`
+    (`ssa.WEIGHTS`) of every SSA layer, and `what`, a title saying how many clips
+    and how `y` uses them; an empty dict for a run without SSA.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or not that step) in `workdir`, or its
+      dataset is not prepared at the data directory.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from gta_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import ssa  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt, chosen = _open_checkpoint(workdir, step)
+  try:
+    config = ml_collections.ConfigDict(ckpt.saved_config(chosen))
+  finally:
+    ckpt.close()
+  if (config.get("task", "classification") != "classification"
+      or "ssa" not in config.model.temporal_modules.split(",")):
+    return {}, chosen, ""
+  if data_dir:
+    config.data.data_dir = data_dir
+  prepared = builders.prepared_dir(config.data)
+  if not pipeline.is_prepared(prepared):
+    raise FileNotFoundError(
+        f"{config.data.dataset!r} is not prepared at {prepared} (the run's "
+        f"config.data.data_dir is {config.data.data_dir!r}; pass --data_dir)")
+  variables, _ = checkpoint.restore_variables(config, workdir, chosen)
+  config.eval.batch_size = clips
+  config.data.num_workers = 0
+  loader = pipeline.make_eval_loader(config, config.data.eval_split, process_index=0,
+                                     process_count=1)
+  batch = next(iter(loader))
+  video = batch["video"][batch["mask"], 0]
+  _, state = jax.jit(lambda v, x: build_model(config).apply(
+      v, x, train=False, mutable=["intermediates"]))(variables, video)
+  maps = {"/".join(path[:-1]): np.asarray(value[0]).mean(0) for path, value in
+          traverse_util.flatten_dict(state["intermediates"]).items()
+          if path[-1] == ssa.WEIGHTS}
+  norm = config.model.ssa.temporal_norm
+  return maps, chosen, f"SSA's M_T (temporal_norm {norm}), mean of {len(video)} val clips"
 
 
 def attention_figure(layer: str, maps: np.ndarray, title: str = ""):
@@ -193,11 +270,13 @@ def clip_figure(video: np.ndarray, title: str = ""):
 
 
 def save_run_figures(workdir: paths.PathLike, out: paths.PathLike,
-                     step: Union[int, str] = "latest", log=print) -> List[str]:
+                     step: Union[int, str] = "latest", log=print, clips: int = 16,
+                     data_dir: str = "") -> List[str]:
   """Writes the training curves and the attention heatmaps of a run; returns the paths.
 
-  What a run does not have (no `metrics.jsonl`, no checkpoint, no GTA layer) is
-  reported through `log` and skipped.
+  What a run does not have (no `metrics.jsonl`, no checkpoint, no GTA or SSA layer,
+  no prepared dataset for SSA's clips) is reported through `log` and skipped.
+  `clips` and `data_dir` are :func:`load_ssa_maps`'.
   """
   out = paths.path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -215,10 +294,18 @@ def save_run_figures(workdir: paths.PathLike, out: paths.PathLike,
   except FileNotFoundError as e:
     log(f"no attention maps: {e}")
     return written
+  titles = {layer: f"{layer}, step {chosen}" for layer in maps}
+  try:
+    ssa_maps, _, what = load_ssa_maps(workdir, chosen, clips, data_dir)
+  except FileNotFoundError as e:
+    ssa_maps = {}
+    log(f"no SSA attention maps: {e}")
+  maps.update(ssa_maps)
+  titles.update({layer: f"{layer}: {what}, step {chosen}" for layer in ssa_maps})
   if not maps:
-    log(f"no attention maps: checkpoint {chosen} has no GTA layer")
+    log(f"no attention maps: checkpoint {chosen} has no GTA or SSA layer")
   for layer, m in maps.items():
-    path = paths.save_figure(attention_figure(layer, m, f"{layer}, step {chosen}"),
+    path = paths.save_figure(attention_figure(layer, m, titles[layer]),
                              out / attention_filename(layer), dpi=100)
     written.append(os.fspath(path))
   return written
@@ -238,7 +325,8 @@ def main(argv):
     print(f"error: --workdir {f.workdir} is not a folder", file=sys.stderr)
     return 1
   note = lambda msg: print(msg, file=sys.stderr)
-  written = save_run_figures(f.workdir, f.out, step, log=note)
+  written = save_run_figures(f.workdir, f.out, step, log=note, clips=f.clips,
+                             data_dir=f.data_dir)
   for path in written:
     print(path)
   if not written:
@@ -252,6 +340,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_string("out", None, "Where the PNG files go.")
   cli.define_checkpoint_step_flag()
+  flags.DEFINE_integer("clips", 16, "Validation clips SSA's M_T is averaged over.",
+                       lower_bound=1)
+  flags.DEFINE_string("data_dir", "", "Where the run's dataset is prepared, for SSA's "
+                      "clips; '' for the run's config.data.data_dir.")
   flags.mark_flags_as_required(["workdir", "out"])
 
 

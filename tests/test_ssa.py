@@ -30,11 +30,12 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
                   temporal_bias_init="random",
                   temporal_norm="softmax", temporal_logit_cap=0.0,
                   temporal_cosine_scale=0.0, spatial_chunk=0,
-                  save_probs=True, xp=np):
+                  save_probs=True, xp=np, weights=False):
   """SSA written out from the paper's equations (eval mode, fresh BN statistics).
 
   `xp=np` runs it in float64 numpy; `xp=jnp` in float32 jax, for `jax.grad` (no
-  custom VJP anywhere on that path).
+  custom VJP anywhere on that path). `weights=True` returns the `(B, heads, T, T)`
+  softmax `M_T` instead of the output.
   """
   # scheduling and init, not the function
   del spatial_chunk, save_probs, gate_init, temporal_bias_init_std, temporal_bias_init
@@ -90,6 +91,8 @@ def reference_ssa(params, x, *, channel_branch=True, shared_value=True,
     logits_t = xp.where(before, logits_t, -np.inf)
     logits_t = xp.where(np.arange(t)[:, None] == 0, 0.0, logits_t)  # row 0: none
   m_t = _softmax(logits_t, xp)
+  if weights:
+    return m_t
   if temporal_norm != "softmax":  # the blend minus the frame itself
     m_t = m_t - xp.eye(t)
   if temporal_norm == "earlier-minus-self":  # the first frame has no change
@@ -159,6 +162,25 @@ def test_matches_einsum_reference(switches):
   assert out.shape == x.shape
   np.testing.assert_allclose(out, reference_ssa(variables["params"], x, **switches),
                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
+def test_sown_temporal_weights_match_reference(switches):
+  """With `intermediates` mutable, the module sows `M_T` (what gta_jax.visualize
+  draws), and only then."""
+  x = 0.5 * jax.random.normal(jax.random.key(0), SHAPE)
+  module = ssa.SeparableSelfAttention(**switches)
+  variables = init_variables(module, x)
+  out, state = jax.jit(functools.partial(module.apply, mutable=["intermediates"]))(
+      variables, x)
+  np.testing.assert_allclose(out, jax.jit(module.apply)(variables, x), rtol=1e-6,
+                             atol=1e-6)
+  (sown,) = state["intermediates"][ssa.WEIGHTS]
+  np.testing.assert_allclose(
+      sown, reference_ssa(variables["params"], x, weights=True, **switches),
+      rtol=1e-4, atol=1e-5)
+  _, state = module.apply(variables, x, mutable=["batch_stats"])
+  assert "intermediates" not in state
 
 
 def assert_gradients_match(module, switches, x):

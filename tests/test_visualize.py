@@ -172,3 +172,86 @@ def test_cli(run, tmp_path):
   cmd[cmd.index("--workdir") + 1] = str(empty)
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 1 and "nothing to draw" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def ssa_run(tiny_gta_run, tmp_path_factory):
+  """A checkpoint of configs/synthetic_ssa.py at init (cosine logits times 10: M_T is
+  not uniform), on tiny_gta_run's prepared dataset."""
+  import synthetic_ssa  # pylint: disable=g-import-not-at-top
+  from conftest import set_keys  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from gta_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = set_keys(synthetic_ssa.get_config(), dict(tiny_gta_run["overrides"], seed=1))
+  mesh = sharding.make_mesh()
+  model, tx, _, _ = state_lib.build(config, mesh)
+  state = state_lib.initial_state(config, model, tx, mesh)
+  workdir = str(tmp_path_factory.mktemp("ssa_run"))
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save(0, state, None, config)
+  ckpt.wait()
+  ckpt.close()
+  return workdir, config
+
+
+def reference_ssa_maps(config, workdir, clips):
+  """Mean M_T of each SSA layer re-derived in numpy from the captured q_hat, k_hat:
+  softmax over frames of (cosine of two frames' head slices) x the head's scale."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gta_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from gta_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  variables, _ = checkpoint.restore_variables(config, workdir)
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = clips
+  video = next(iter(pipeline.make_eval_loader(
+      config, "val", process_index=0, process_count=1)))["video"][:, 0]
+  _, state = build_model(config).apply(variables, video, capture_intermediates=True,
+                                       mutable=["intermediates"])
+  heads = config.model.ssa.temporal_heads
+  maps = {}
+  for block, tree in state["intermediates"].items():
+    if "inner" not in tree:
+      continue
+    qk = np.asarray(tree["inner"]["temporal_conv"]["__call__"][0], np.float64)
+    b, t, h, w, c2 = qk.shape
+    split = lambda a: a.reshape(b, t, h, w, heads, c2 // 2 // heads)
+    unit = lambda a: a / np.sqrt(np.sum(a ** 2, axis=(2, 3, 5), keepdims=True))
+    scale = np.exp(np.asarray(variables["params"][block]["inner"]["temporal_log_scale"]))
+    logits = np.einsum("bthwnc,bshwnc->bnts", unit(split(qk[..., :c2 // 2])),
+                       unit(split(qk[..., c2 // 2:]))) * scale[None, :, None, None]
+    maps[f"{block}/inner"] = softmax_rows(logits).mean(0)
+  return maps
+
+
+def test_ssa_maps_are_the_mean_temporal_weights_of_val_clips(ssa_run):
+  workdir, config = ssa_run
+  maps, step, what = visualize.load_ssa_maps(workdir, clips=4)
+  assert step == 0 and "mean of 4 val clips" in what and "softmax-identity" in what
+  want = reference_ssa_maps(config, workdir, clips=4)
+  assert sorted(maps) == sorted(want) == ["res4_block0/inner", "res5_block0/inner"]
+  for layer, m in maps.items():
+    assert m.shape == (config.model.ssa.temporal_heads, 4, 4)
+    np.testing.assert_allclose(m, want[layer], rtol=1e-4, atol=1e-5)
+    assert m.std() > 0.01  # the cosine scale at init makes M_T far from uniform
+
+
+def test_ssa_maps_are_drawn_and_a_missing_dataset_is_named(ssa_run, tmp_path):
+  workdir, _ = ssa_run
+  notes = []
+  written = visualize.save_run_figures(workdir, str(tmp_path / "out"), log=notes.append,
+                                       clips=2)
+  assert sorted(os.path.basename(p) for p in written) == [
+      "attention_res4_block0_inner.png", "attention_res5_block0_inner.png"]
+  assert all(cv2.imread(p) is not None for p in written)
+  empty = tmp_path / "no_data"
+  notes = []
+  written = visualize.save_run_figures(workdir, str(tmp_path / "out2"), log=notes.append,
+                                       data_dir=str(empty))
+  assert not written
+  assert any("no SSA attention maps" in n and str(empty) in n and "--data_dir" in n
+             for n in notes), notes
+
+
+def test_no_ssa_maps_for_a_run_without_ssa(tiny_gta_run):
+  maps, step, _ = visualize.load_ssa_maps(tiny_gta_run["workdir"])
+  assert maps == {} and step == 0

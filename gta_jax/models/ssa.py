@@ -62,6 +62,9 @@ PADDINGS = ("zeros", "edge")
 TEMPORAL_NORMS = ("softmax", "softmax-identity", "others-minus-self", "earlier-minus-self")
 # Swin Transformer V2's bound on its cosine attention's learned scale (1 / 0.01).
 MAX_COSINE_SCALE = 100.0
+# The `(B, heads, T, T)` weights `M_T` (masked as `temporal_norm` masks them), sown
+# into the `intermediates` collection when it is mutable.
+WEIGHTS = "temporal_weights"
 _MASKED = -1e30  # a logit whose softmax weight is exactly 0
 # The frames `s` that frame `t` may not attend to, as a (T, T) boolean [t, s].
 _MASKED_FRAMES = {
@@ -138,27 +141,34 @@ def temporal_logits(q: jax.Array, k: jax.Array, *, scale: str, logit_cap: float 
   return logits
 
 
-def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                       scale: str, save_probs: bool,
-                       bias: Optional[jax.Array] = None,
-                       logit_cap: float = 0.0,
-                       cosine_scale: Optional[jax.Array] = None) -> jax.Array:
-  """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `softmax(logits [+ bias]) v`.
-
-  The logits are :func:`temporal_logits`'; `bias`, `(N, T, T)` (or `(1, T, T)`,
-  the same for every head), is added to each head's. Plain dot products without a
-  bias go through `attend`; otherwise the T x T softmax, small, is written out in
-  float32 here.
-  """
-  if bias is None and not logit_cap and cosine_scale is None:
-    return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
+def temporal_weights(q: jax.Array, k: jax.Array, *, scale: str,
+                     bias: Optional[jax.Array] = None, logit_cap: float = 0.0,
+                     cosine_scale: Optional[jax.Array] = None) -> jax.Array:
+  """`M_T = softmax(logits [+ bias])`, float32 `(B * N, T, T)`, of `(B * N, T, D)`
+  clips of `N` heads; the logits are :func:`temporal_logits`', and `bias`,
+  `(N, T, T)` (or `(1, T, T)`, the same for every head), is added to each head's."""
   n, t, _ = q.shape
   logits = temporal_logits(q, k, scale=scale, logit_cap=logit_cap,
                            cosine_scale=cosine_scale)
   if bias is not None:
     logits = (logits.reshape(-1, *bias.shape) + bias).reshape(n, t, t)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bqk,bkd->bqd", weights, v)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       scale: str, save_probs: bool,
+                       bias: Optional[jax.Array] = None,
+                       logit_cap: float = 0.0,
+                       cosine_scale: Optional[jax.Array] = None) -> jax.Array:
+  """Eqs. 7-8 on `(B * N, T, D)` clips of `N` heads: `M_T v`, `M_T` of
+  :func:`temporal_weights`. Plain dot products without a bias go through `attend`;
+  otherwise the T x T softmax, small, is written out in float32.
+  """
+  if bias is None and not logit_cap and cosine_scale is None:
+    return attention.attend(q, k, v, scale=_scale(scale), save_probs=save_probs)
+  weights = temporal_weights(q, k, scale=scale, bias=bias, logit_cap=logit_cap,
+                             cosine_scale=cosine_scale)
+  return jnp.einsum("bqk,bkd->bqd", weights.astype(v.dtype), v)
 
 
 class SeparableSelfAttention(nn.Module):
@@ -300,6 +310,11 @@ class SeparableSelfAttention(nn.Module):
       y = y - clips(value)
     if self.temporal_norm == "earlier-minus-self":  # its first row is all masked
       y = y * (jnp.arange(t) > 0)[:, None]
+    if self.is_mutable_collection("intermediates"):  # for pictures (gta_jax.visualize)
+      weights = temporal_weights(clips(q_hat), clips(k_hat), scale=self.scale, bias=bias,
+                                 logit_cap=self.temporal_logit_cap,
+                                 cosine_scale=cosine_scale)
+      self.sow("intermediates", WEIGHTS, weights.reshape(b, heads, t, t))
     y = y.reshape(b, heads, t, h * w, inner // heads).transpose(0, 2, 3, 1, 4)
     y = y.reshape(b, t, h, w, inner)
     if self.residual:
