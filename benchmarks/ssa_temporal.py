@@ -28,7 +28,6 @@ import run_cache
 import ablations
 from gta_jax.data import pipeline
 from gta_jax.models import build_model
-from gta_jax.models import gta
 from gta_jax.models import ssa
 from gta_jax.training import checkpoint
 
@@ -41,21 +40,20 @@ _CLIPS = flags.DEFINE_integer("clips", 32, "Validation clips to run.")
 ONE_HOT = 0.99  # a row of M_T whose largest weight is above this counts as one-hot
 
 
-def layer_stats(params, q_hat, k_hat, module) -> dict:
-  """M_T statistics of one SSA layer from its `(B, T, H, W, C)` q_hat and k_hat."""
+def layer_stats(params, q_hat, k_hat, weights, module) -> dict:
+  """M_T statistics of one SSA layer from its `(B, T, H, W, C)` q_hat and k_hat and
+  the `(B, heads, T, T)` weights `M_T` it sowed (`ssa.WEIGHTS`)."""
   b, t, h, w, c = q_hat.shape
   heads = module.temporal_heads
   clips = lambda a: a.reshape(b, t, h * w, heads, c // heads).transpose(
       0, 3, 1, 2, 4).reshape(b * heads, t, -1)
   cosine_scale = None
   if module.temporal_cosine_scale:
-    cosine_scale = np.minimum(np.exp(params["temporal_log_scale"]), ssa.MAX_COSINE_SCALE)
-  q, k = clips(q_hat), clips(k_hat)
-  kwargs = dict(scale=module.scale, logit_cap=module.temporal_logit_cap,
-                cosine_scale=cosine_scale)
-  logits = np.asarray(ssa.temporal_logits(q, k, **kwargs), np.float64)
-  weights = np.asarray(ssa.temporal_weights(
-      q, k, bias=params.get(gta.GLOBAL_LOGITS), **kwargs)).reshape(b, heads, t, t)
+    cosine_scale = ssa.bounded_cosine_scale(params["temporal_log_scale"])
+  logits = np.asarray(ssa.temporal_logits(
+      clips(q_hat), clips(k_hat), scale=module.scale,
+      logit_cap=module.temporal_logit_cap, cosine_scale=cosine_scale), np.float64)
+  weights = np.asarray(weights)
   largest = weights.max(-1)
   picks = weights.argmax(-1).transpose(1, 0, 2).reshape(heads, -1)  # head, rows
   def favourite(rows):
@@ -84,7 +82,8 @@ def temporal_report(config, variables, video) -> dict:
     qk_hat = np.asarray(tree["inner"]["temporal_conv"]["__call__"][0], np.float32)
     c = qk_hat.shape[-1] // (2 if module.shared_value else 3)
     report[block] = layer_stats(variables["params"][block]["inner"],
-                                qk_hat[..., :c], qk_hat[..., c:2 * c], module)
+                                qk_hat[..., :c], qk_hat[..., c:2 * c],
+                                tree["inner"][ssa.WEIGHTS][0], module)
   return report
 
 

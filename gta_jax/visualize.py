@@ -101,26 +101,6 @@ def training_curves_figure(rows: Sequence[Dict[str, Any]], title: str = ""):
 # Attention --------------------------------------------------------------------------------
 
 
-def _open_checkpoint(workdir: str, step: Union[int, str]):
-  """`(Checkpointer, the chosen step)`; the caller closes it.
-
-  Raises:
-    FileNotFoundError: no checkpoint (or not that step) in `workdir`.
-  """
-  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = checkpoint.checkpoint_dir(workdir)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  steps = ckpt.all_steps()
-  chosen = {"latest": ckpt.latest_step, "best": ckpt.best_step}.get(step, lambda: step)()
-  if chosen is None or chosen not in steps:
-    ckpt.close()
-    raise FileNotFoundError(f"no checkpoint {'' if chosen is None else chosen} in "
-                            f"{directory} (saved steps: {sorted(steps)})")
-  return ckpt, int(chosen)
-
-
 def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
                         ) -> Tuple[Dict[str, np.ndarray], int]:
   """The learned global temporal attention of a checkpoint's GTA layers.
@@ -140,7 +120,8 @@ def load_attention_maps(workdir: str, step: Union[int, str] = "latest"
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from gta_jax.models import gta  # pylint: disable=g-import-not-at-top
-  ckpt, chosen = _open_checkpoint(workdir, step)
+  from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt, chosen = checkpoint.open_checkpoint(workdir, step)
   try:
     restored = ckpt.manager.restore(
         chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -180,7 +161,7 @@ def load_ssa_maps(workdir: str, step: Union[int, str] = "latest", clips: int = 1
   from gta_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from gta_jax.models import ssa  # pylint: disable=g-import-not-at-top
   from gta_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  ckpt, chosen = _open_checkpoint(workdir, step)
+  ckpt, chosen = checkpoint.open_checkpoint(workdir, step)
   try:
     config = ml_collections.ConfigDict(ckpt.saved_config(chosen))
   finally:

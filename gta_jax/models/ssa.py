@@ -119,6 +119,12 @@ def map_in_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
   return out.reshape(-1, *out.shape[2:])[:n]
 
 
+def bounded_cosine_scale(log_scale: jax.Array) -> jax.Array:
+  """The scale of the cosine logits from its learned log, `temporal_log_scale`:
+  `exp(log_scale)`, at most :data:`MAX_COSINE_SCALE`."""
+  return jnp.exp(jnp.minimum(log_scale, math.log(MAX_COSINE_SCALE)))
+
+
 def temporal_logits(q: jax.Array, k: jax.Array, *, scale: str, logit_cap: float = 0.0,
                     cosine_scale: Optional[jax.Array] = None) -> jax.Array:
   """The content logits of `M_T`, float32 `(B * N, T, T)`, of `(B * N, T, D)` clips
@@ -281,7 +287,7 @@ class SeparableSelfAttention(nn.Module):
       log_scale = self.param(
           "temporal_log_scale", nn.initializers.constant(
               math.log(self.temporal_cosine_scale)), (heads,), jnp.float32)
-      cosine_scale = jnp.exp(jnp.minimum(log_scale, math.log(MAX_COSINE_SCALE)))
+      cosine_scale = bounded_cosine_scale(log_scale)
     temporal = functools.partial(temporal_attention, scale=self.scale,
                                  save_probs=self.save_probs, bias=bias,
                                  logit_cap=self.temporal_logit_cap,

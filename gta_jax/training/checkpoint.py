@@ -320,22 +320,37 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: paths.PathLike
     FileNotFoundError: no checkpoint in `workdir` (or not that step).
     IncompatibleCheckpointError: the checkpoint holds another model than `config`.
   """
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  ckpt, step = open_checkpoint(workdir, step)
+  try:
+    _, _, _, abstract = state_lib.build(config, mesh)
+    restored = ckpt.restore(step, abstract, config)
+  finally:
+    ckpt.close()
+  return restored.variables, step
+
+
+def open_checkpoint(workdir: paths.PathLike, step: Union[int, str] = "latest"
+                    ) -> Tuple[Checkpointer, int]:
+  """A read-only `Checkpointer` of a run and the step `step` names; the caller closes it.
+
+  Args:
+    workdir: the training run's directory.
+    step: a step number, 'latest' or 'best' (highest validation top-1).
+
+  Raises:
+    FileNotFoundError: no checkpoint in `workdir` (or not that step).
+  """
   if not checkpoint_dir(workdir).exists():
     raise FileNotFoundError(
         f"no checkpoints in {workdir}: {checkpoint_dir(workdir)} does not exist (is it "
         f"the directory of a training run?)")
-  mesh = mesh if mesh is not None else sharding.make_mesh()
   ckpt = Checkpointer(workdir, read_only=True)
   steps = ckpt.all_steps()
-  if step == "latest":
-    step = ckpt.latest_step()
-  elif step == "best":
-    step = ckpt.best_step()
-  if step is None or step not in steps:
+  chosen = {"latest": ckpt.latest_step, "best": ckpt.best_step}.get(step, lambda: step)()
+  if chosen is None or chosen not in steps:
+    ckpt.close()
     raise FileNotFoundError(
-        f"no checkpoint {'' if step is None else step} in {ckpt.directory} "
+        f"no checkpoint {'' if chosen is None else chosen} in {ckpt.directory} "
         f"(saved steps: {sorted(steps)})")
-  _, _, _, abstract = state_lib.build(config, mesh)
-  restored = ckpt.restore(step, abstract, config)
-  ckpt.close()
-  return restored.variables, int(step)
+  return ckpt, int(chosen)
